@@ -1,0 +1,45 @@
+"""gradand: learning explanations that are hard to vary (Parascandolo et al., ICLR 2021).
+
+Combine per-environment gradients with a logical AND instead of an average:
+keep the gradient components on which the environments agree in sign.
+
+The core is array-API generic (numpy, torch, jax, cupy, array-api-strict) and
+never imports a framework; :mod:`gradand.backends` adapts it to PyTorch, JAX
+and TensorFlow training loops.
+
+Example:
+    >>> import numpy as np
+    >>> import gradand
+    >>> grads = np.array([[1.0, -2.0], [3.0, 2.0]])  # 2 environments, 2 components
+    >>> gradand.combine(grads, gradand.AndMask(threshold=1.0, rescale=False))
+    array([2., 0.])
+"""
+
+from gradand import consistency, temporal
+from gradand._combine import MaskInfo, agreement, combine, finalize
+from gradand._combiners import AndMask, Combiner, GeometricMean, Mean, SandMask
+from gradand._namespace import array_namespace, register_namespace
+from gradand._stats import STATISTIC_NAMES, Statistics, merge, statistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STATISTIC_NAMES",
+    "AndMask",
+    "Combiner",
+    "GeometricMean",
+    "MaskInfo",
+    "Mean",
+    "SandMask",
+    "Statistics",
+    "__version__",
+    "agreement",
+    "array_namespace",
+    "combine",
+    "consistency",
+    "finalize",
+    "merge",
+    "register_namespace",
+    "statistics",
+    "temporal",
+]

@@ -1,0 +1,135 @@
+"""Finding the array namespace of the user's arrays, and validating them.
+
+The core is written against the Python array API standard. ``array_namespace``
+asks array-api-compat for the namespace of an array (numpy, torch, jax.numpy,
+cupy, array-api-strict, ...). Frameworks that array-api-compat does not cover
+(TensorFlow) register a namespace of their own with :func:`register_namespace`;
+that is how the TensorFlow backend runs the same core inside ``tf.function``.
+Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import array_api_compat
+
+__all__ = ["array_namespace", "register_namespace"]
+
+NanPolicy = Literal["raise", "propagate", "zero"]
+NAN_POLICIES = ("raise", "propagate", "zero")
+
+# (predicate, namespace) pairs registered by backends, checked before array-api-compat.
+_REGISTERED: list[tuple[Callable[[Any], bool], Any]] = []
+
+
+def register_namespace(predicate: Callable[[Any], bool], xp: Any) -> Callable[[], None]:
+    """Teach the core a namespace for arrays that array-api-compat does not know.
+
+    ``predicate(x)`` says whether ``x`` belongs to ``xp``. Backends call this on
+    import (the TensorFlow backend registers its namespace of ``tf`` ops); users
+    rarely need it. Returns a function that removes the registration.
+
+    Example:
+        >>> import numpy as np
+        >>> import gradand
+        >>> class Wrapped:  # a toy array type
+        ...     pass
+        >>> undo = gradand.register_namespace(lambda x: isinstance(x, Wrapped), np)
+        >>> gradand.array_namespace(Wrapped()) is np
+        True
+        >>> undo()
+    """
+    entry = (predicate, xp)
+    _REGISTERED.insert(0, entry)
+
+    def unregister() -> None:
+        if entry in _REGISTERED:
+            _REGISTERED.remove(entry)
+
+    return unregister
+
+
+def array_namespace(*arrays: Any, xp: Any = None, name: str = "grads") -> Any:
+    """The array namespace shared by ``arrays`` (or ``xp`` when given).
+
+    Raises ``TypeError`` naming the argument when something is not an array.
+
+    Example:
+        >>> import numpy as np
+        >>> import gradand
+        >>> gradand.array_namespace(np.zeros(3)).__name__
+        'array_api_compat.numpy'
+    """
+    if xp is not None:
+        return xp
+    arrays = tuple(a for a in arrays if a is not None)
+    for predicate, registered in _REGISTERED:
+        if arrays and all(predicate(a) for a in arrays):
+            return registered
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError:
+        fallback = arrays[0] if arrays else None
+        bad = next((a for a in arrays if not array_api_compat.is_array_api_obj(a)), fallback)
+        raise TypeError(
+            f"{name} must be an array (numpy, torch, jax, cupy, array-api-strict, or a "
+            f"tf.Tensor with gradand.backends.tensorflow imported); got {type(bad).__name__}"
+        ) from None
+
+
+def check_float(x: Any, xp: Any, name: str) -> None:
+    """Raise ``TypeError`` unless ``x`` has a real floating dtype."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64); "
+            f"got {x.dtype}. Gradients are never integer or complex: cast with "
+            f"x.astype(float) / x.float() if this is intended."
+        )
+
+
+def accumulation_dtype(dtype: Any, xp: Any) -> Any:
+    """float32 for 16-bit floats, otherwise ``dtype`` itself."""
+    if xp.finfo(dtype).bits < 32:
+        return xp.float32
+    return dtype
+
+
+def check_nan_policy(nan_policy: str) -> None:
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}; got {nan_policy!r}")
+
+
+def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> Any:
+    """Check or clean non-finite entries of ``x`` according to ``nan_policy``.
+
+    ``"raise"`` raises ``ValueError`` when the values can be inspected (eager
+    arrays). Inside a trace (``jax.jit``, ``tf.function``) the values are not
+    known; a namespace may then supply ``gradand_check_finite`` (TensorFlow's
+    ``tf.debugging.check_numerics``), otherwise the check is skipped there.
+    ``"zero"`` replaces NaN/Inf by 0 (no vote, nothing added to the sum).
+    ``"propagate"`` does nothing.
+    """
+    if nan_policy == "propagate":
+        return x
+    if nan_policy == "zero":
+        return xp.where(xp.isfinite(x), x, xp.zeros_like(x))
+    hook = getattr(xp, "gradand_check_finite", None)
+    if hook is not None:
+        return hook(x, name)
+    finite = xp.isfinite(x)
+    try:
+        ok = bool(xp.all(finite))
+    except TypeError:  # a tracer (jax.jit) or a symbolic tensor: values unknown here
+        return x
+    if not ok:
+        n_bad = int(xp.sum(xp.astype(xp.logical_not(finite), xp.int64)))
+        size = array_api_compat.size(x)
+        raise ValueError(
+            f"{name} contains NaN or Inf ({n_bad} of {size} entries of shape {tuple(x.shape)}); "
+            f"a non-finite gradient would poison the update. Pass nan_policy='zero' to drop "
+            f"those components (they cast no vote and add nothing), or nan_policy='propagate' "
+            f"to let them through."
+        )
+    return x

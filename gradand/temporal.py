@@ -1,0 +1,141 @@
+"""The temporal AND-mask (paper Algorithm 1): Adam that masks by sign agreement over *steps*.
+
+It needs no per-environment gradients, so it costs what ordinary training
+costs: besides Adam's moving averages of ``g`` and ``g²`` it keeps an
+exponential moving average ``s`` of ``sign(g)`` over steps (rate ``beta3``)
+and masks the components whose ``|ŝ| < threshold``, where ``ŝ`` is ``s``
+bias-corrected like Adam's moments (so the first step is not masked just
+because the average starts at 0).
+
+This module holds the math once; the PyTorch optimizer, the optax
+transformation and the Keras optimizer in :mod:`gradand.backends` call
+:func:`temporal_and_mask_step` per parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+from gradand._namespace import array_namespace, check_float
+
+__all__ = ["TemporalStep", "check_temporal_hparams", "temporal_and_mask_step"]
+
+WeightDecayOrder = Literal["before", "after"]
+
+
+class TemporalStep(NamedTuple):
+    """Result of one :func:`temporal_and_mask_step` for one parameter tensor.
+
+    Attributes:
+        direction: what to subtract from the parameter, times the learning
+            rate: ``mask ⊙ m̂ / (√v̂ + eps)`` (plus ``weight_decay · param`` with
+            ``weight_decay_order="after"``).
+        exp_avg: new first moment ``m``.
+        exp_avg_sq: new second moment ``v``.
+        sign_avg: new moving average of ``sign(g)``, ``s``.
+        mask: the float mask in {0, 1} that was applied.
+    """
+
+    direction: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+    sign_avg: Any
+    mask: Any
+
+
+def check_temporal_hparams(
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    beta3: float,
+    threshold: float,
+    eps: float,
+    weight_decay: float,
+    weight_decay_order: str,
+) -> None:
+    """Validate the temporal AND-mask's hyperparameters, naming the bad one.
+
+    Example:
+        >>> from gradand.temporal import check_temporal_hparams
+        >>> check_temporal_hparams(lr=1e-3, betas=(0.9, 0.999), beta3=0.9, threshold=0.5,
+        ...                        eps=1e-8, weight_decay=0.0, weight_decay_order="after")
+    """
+    from gradand._combiners import _check_positive, _check_real, _check_threshold
+
+    if _check_real("lr", lr) < 0:
+        raise ValueError(f"lr must be >= 0; got {lr}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+    for name, b in (("betas[0]", betas[0]), ("betas[1]", betas[1]), ("beta3", beta3)):
+        if not 0.0 <= _check_real(name, b) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1); got {b}")
+    _check_threshold(threshold)
+    _check_positive("eps", eps)
+    if _check_real("weight_decay", weight_decay) < 0:
+        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+    if weight_decay_order not in ("before", "after"):
+        raise ValueError(
+            f"weight_decay_order must be 'before' (L2 term added to the gradient, so it is "
+            f"masked too) or 'after' (decay added after the mask); got {weight_decay_order!r}"
+        )
+
+
+def temporal_and_mask_step(
+    grad: Any,
+    param: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    sign_avg: Any,
+    step: Any,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    beta3: float = 0.9,
+    threshold: float = 0.5,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_order: WeightDecayOrder = "after",
+    xp: Any = None,
+) -> TemporalStep:
+    """One temporal AND-mask Adam step for one tensor (pure; no in-place update).
+
+    With ``g`` the gradient and ``t = step`` (1 for the first step):
+
+    - ``weight_decay_order="before"``: ``g ← g + weight_decay · param`` (masked too);
+    - ``m = β1 m + (1-β1) g``, ``v = β2 v + (1-β2) g²``, ``s = β3 s + (1-β3) sign(g)``;
+    - ``m̂, v̂, ŝ`` = the three divided by ``1 - β^t``;
+    - ``mask = 1[|ŝ| >= threshold]``, ``direction = mask ⊙ m̂ / (√v̂ + eps)``;
+    - ``weight_decay_order="after"``: ``direction += weight_decay · param`` (not masked;
+      the reference authors' advice: much higher weight decay, applied after the mask).
+
+    The parameter update is ``param - lr · direction``. Moments are kept in
+    the dtype of ``exp_avg`` (pass float32 state for half-precision params).
+
+    Example:
+        >>> import numpy as np
+        >>> from gradand.temporal import temporal_and_mask_step
+        >>> z = np.zeros(2)
+        >>> out = temporal_and_mask_step(np.array([0.5, -2.0]), z, z, z, z, 1, threshold=1.0)
+        >>> out.mask, out.direction.round(4)
+        (array([1., 1.]), array([ 1., -1.]))
+    """
+    xp = array_namespace(grad, xp=xp, name="grad")
+    check_float(grad, xp, "grad")
+    beta1, beta2 = betas
+    state_dtype = exp_avg.dtype
+    g = grad if grad.dtype == state_dtype else xp.astype(grad, state_dtype)
+    p = param if param.dtype == state_dtype else xp.astype(param, state_dtype)
+    if weight_decay and weight_decay_order == "before":
+        g = g + weight_decay * p
+    m = beta1 * exp_avg + (1.0 - beta1) * g
+    v = beta2 * exp_avg_sq + (1.0 - beta2) * (g * g)
+    s = beta3 * sign_avg + (1.0 - beta3) * xp.sign(g)
+    c1 = 1.0 - beta1**step
+    c2 = 1.0 - beta2**step
+    c3 = 1.0 - beta3**step
+    s_hat = s / c3
+    mask = xp.astype(xp.abs(s_hat) >= xp.asarray(threshold, dtype=s.dtype), s.dtype)
+    denom = xp.sqrt(v / c2) + eps
+    direction = mask * (m / c1) / denom
+    if weight_decay and weight_decay_order == "after":
+        direction = direction + weight_decay * p
+    return TemporalStep(direction, m, v, s, mask)
