@@ -28,7 +28,7 @@ def inputs() -> tuple[np.ndarray, np.ndarray]:
     Example:
         >>> from gradand.experiments.patchwork import inputs
         >>> x, y = inputs()
-        >>> x[0].tolist(), y.tolist()
+        >>> x[0].round(3).tolist(), y.tolist()
         ([3.0, 0.0, 0.0, 0.0, 0.3], [1.0, 1.0, 1.0, 1.0])
     """
     x = 3.0 * np.hstack([np.eye(4), 0.1 * np.ones((4, 1))])
