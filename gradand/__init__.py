@@ -19,11 +19,13 @@ from gradand import consistency, temporal
 from gradand._combine import MaskInfo, agreement, combine, finalize
 from gradand._combiners import AndMask, Combiner, GeometricMean, Mean, SandMask
 from gradand._namespace import array_namespace, register_namespace
+from gradand._outer import OUTER_STATISTICS, outer_statistics
 from gradand._stats import STATISTIC_NAMES, Statistics, merge, statistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "OUTER_STATISTICS",
     "STATISTIC_NAMES",
     "AndMask",
     "Combiner",
@@ -39,6 +41,7 @@ __all__ = [
     "consistency",
     "finalize",
     "merge",
+    "outer_statistics",
     "register_namespace",
     "statistics",
     "temporal",

@@ -1,0 +1,103 @@
+"""Per-example statistics of a linear layer without per-example gradients.
+
+For a linear layer ``y = x Wᵀ`` the gradient of example ``b``'s loss with
+respect to ``W`` is an outer product ``δ_b x_bᵀ`` (``δ_b = ∂loss_b/∂y_b``).
+Signs and squares factor through outer products, so the sums over examples
+come from one matrix product each, with no (B, out, in) array:
+
+    Σ_b g_b = Δᵀ X,   Σ_b sign(g_b) = sign(Δ)ᵀ sign(X),   Σ_b g_b² = (Δ²)ᵀ (X²).
+
+``Σ log(|g| + eps)`` does not factor (the ``eps``), so ``GeometricMean`` is not
+supported here; backends fall back to materialising per-example gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradand._combiners import Combiner
+from gradand._namespace import (
+    NanPolicy,
+    accumulation_dtype,
+    apply_nan_policy,
+    array_namespace,
+    check_float,
+    check_nan_policy,
+)
+from gradand._stats import Statistics
+
+__all__ = ["OUTER_STATISTICS", "outer_statistics"]
+
+#: The statistics that factor through an outer product.
+OUTER_STATISTICS: frozenset[str] = frozenset({"sum", "sign_sum", "sq_sum"})
+
+
+def outer_statistics(
+    inputs: Any,
+    deltas: Any,
+    combiner: Combiner,
+    *,
+    nan_policy: NanPolicy = "raise",
+    xp: Any = None,
+) -> Statistics:
+    """Statistics over examples of per-example linear-layer weight gradients ``δ_b x_bᵀ``.
+
+    Every example is its own environment. Equal to
+    ``gradand.statistics(deltas[:, :, None] * inputs[:, None, :], combiner)``
+    without building that (B, out, in) array.
+
+    Args:
+        inputs: layer inputs ``X``, shape (B, in).
+        deltas: per-example output gradients ``Δ``, shape (B, out): the
+            gradient of each example's *own* loss (for a mean loss over B
+            examples, multiply autograd's output gradient by B).
+        combiner: a combiner whose statistics are all in :data:`OUTER_STATISTICS`
+            (``Mean``, ``AndMask``, ``SandMask``).
+        nan_policy: as in :func:`gradand.statistics`.
+        xp: the array namespace, when it cannot be inferred.
+
+    Returns:
+        :class:`~gradand.Statistics` of shape (out, in) with ``count = B``.
+
+    Example:
+        >>> import numpy as np
+        >>> import gradand
+        >>> rng = np.random.default_rng(0)
+        >>> x, d = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+        >>> c = gradand.AndMask(threshold=0.6)
+        >>> fast = gradand.outer_statistics(x, d, c)
+        >>> slow = gradand.statistics(d[:, :, None] * x[:, None, :], c)
+        >>> bool(np.allclose(fast.sign_sum, slow.sign_sum)), bool(np.allclose(fast.sum, slow.sum))
+        (True, True)
+    """
+    check_nan_policy(nan_policy)
+    xp = array_namespace(inputs, deltas, xp=xp, name="inputs and deltas")
+    check_float(inputs, xp, "inputs")
+    check_float(deltas, xp, "deltas")
+    if len(inputs.shape) != 2 or len(deltas.shape) != 2 or inputs.shape[0] != deltas.shape[0]:
+        raise ValueError(
+            f"inputs must be (B, in) and deltas (B, out) with the same B; got inputs "
+            f"{tuple(inputs.shape)} and deltas {tuple(deltas.shape)}"
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs and deltas hold 0 examples; need at least one")
+    needed = set(combiner.statistics)
+    if not needed <= OUTER_STATISTICS:
+        raise ValueError(
+            f"{combiner!r} needs {sorted(needed - OUTER_STATISTICS)}, which do not factor "
+            f"through an outer product; compute per-example gradients instead"
+        )
+    acc = accumulation_dtype(deltas.dtype, xp)
+    x = inputs if inputs.dtype == acc else xp.astype(inputs, acc)
+    d = deltas if deltas.dtype == acc else xp.astype(deltas, acc)
+    x = apply_nan_policy(x, xp, nan_policy, "inputs")
+    d = apply_nan_policy(d, xp, nan_policy, "deltas")
+    dt = xp.matrix_transpose(d)
+    values: dict[str, Any] = {}
+    if "sum" in needed:
+        values["sum"] = dt @ x
+    if "sign_sum" in needed:
+        values["sign_sum"] = xp.sign(dt) @ xp.sign(x)
+    if "sq_sum" in needed:
+        values["sq_sum"] = (dt * dt) @ (x * x)
+    return Statistics(count=inputs.shape[0], dtype=deltas.dtype, **values)
