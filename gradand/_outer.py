@@ -44,7 +44,8 @@ def outer_statistics(
 
     Every example is its own environment. Equal to
     ``gradand.statistics(deltas[:, :, None] * inputs[:, None, :], combiner)``
-    without building that (B, out, in) array.
+    without building that (B, out, in) array. (Where ``δ x`` underflows to 0 in
+    the materialised product, its sign here is still ``sign(δ) sign(x)``.)
 
     Args:
         inputs: layer inputs ``X``, shape (B, in).
