@@ -80,6 +80,19 @@ def check_temporal_hparams(
         )
 
 
+def _may_be_nonzero(weight_decay: Any) -> bool:
+    """``bool(weight_decay)``, or True when it is a traced array whose value is unknown.
+
+    Lets ``weight_decay`` be a traced hyperparameter (``optax.inject_hyperparams``,
+    a ``tf.Variable`` inside ``tf.function``): the decay term is then always
+    added, which is exact for a zero value too.
+    """
+    try:
+        return bool(weight_decay)
+    except TypeError:  # a jax tracer (ConcretizationTypeError) or a symbolic tensor
+        return True
+
+
 def temporal_and_mask_step(
     grad: Any,
     param: Any,
@@ -124,7 +137,8 @@ def temporal_and_mask_step(
     state_dtype = exp_avg.dtype
     g = grad if grad.dtype == state_dtype else xp.astype(grad, state_dtype)
     p = param if param.dtype == state_dtype else xp.astype(param, state_dtype)
-    if weight_decay and weight_decay_order == "before":
+    decay = _may_be_nonzero(weight_decay)
+    if decay and weight_decay_order == "before":
         g = g + weight_decay * p
     m = beta1 * exp_avg + (1.0 - beta1) * g
     v = beta2 * exp_avg_sq + (1.0 - beta2) * (g * g)
@@ -136,6 +150,6 @@ def temporal_and_mask_step(
     mask = xp.astype(xp.abs(s_hat) >= xp.asarray(threshold, dtype=s.dtype), s.dtype)
     denom = xp.sqrt(v / c2) + eps
     direction = mask * (m / c1) / denom
-    if weight_decay and weight_decay_order == "after":
+    if decay and weight_decay_order == "after":
         direction = direction + weight_decay * p
     return TemporalStep(direction, m, v, s, mask)
