@@ -114,14 +114,12 @@ def finalize(stats: Statistics, combiner: Combiner, *, return_info: bool = False
     if not return_info:
         return update
     numel = math.prod(direction.shape)
-    if survivors is None:
-        fraction = xp.ones((), dtype=direction.dtype)
-    else:
-        fraction = survivors / numel
+    # 0-d results are built from reductions so they land on the gradients' device
     if stats.sign_sum is not None:
         mean_agreement = xp.sum(agreement_from(stats, xp)) / numel
     else:  # a custom combiner without sign statistics
-        mean_agreement = xp.full((), float("nan"), dtype=direction.dtype)
+        mean_agreement = xp.sum(direction) * float("nan")
+    fraction = xp.ones_like(mean_agreement) if survivors is None else survivors / numel
     return update, MaskInfo(fraction, mean_agreement)
 
 

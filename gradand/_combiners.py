@@ -60,7 +60,7 @@ def hard_mask(stats: Statistics, threshold: float, xp: Any) -> Any:
     streaming, merged, all-reduced) compares the very same number.
     """
     a = agreement_from(stats, xp)
-    keep = a >= xp.asarray(threshold, dtype=a.dtype)
+    keep = a >= threshold  # a Python scalar takes the array's dtype and device
     return xp.astype(keep, a.dtype)
 
 
@@ -244,7 +244,7 @@ class SandMask(Combiner):
         dof = count - 1 if isinstance(count, int) else xp.maximum(count - 1, xp.ones_like(count))
         var = centered / max(dof, 1) if isinstance(dof, int) else centered / dof
         a = agreement_from(stats, xp)
-        excess = a - xp.asarray(self.threshold, dtype=a.dtype)
+        excess = a - self.threshold
         positive = var > 0
         safe_var = xp.where(positive, var, xp.ones_like(var))
         soft = xp.tanh(self.k * excess / safe_var)

@@ -147,7 +147,7 @@ def temporal_and_mask_step(
     c2 = 1.0 - beta2**step
     c3 = 1.0 - beta3**step
     s_hat = s / c3
-    mask = xp.astype(xp.abs(s_hat) >= xp.asarray(threshold, dtype=s.dtype), s.dtype)
+    mask = xp.astype(xp.abs(s_hat) >= threshold, s.dtype)
     denom = xp.sqrt(v / c2) + eps
     direction = mask * (m / c1) / denom
     if decay and weight_decay_order == "after":
