@@ -1,0 +1,257 @@
+"""Distributed AND-masking: all-reduce the core's statistics (SUM) instead of averaging gradients.
+
+Every combiner is a function of additive statistics, so the environments may
+live on different ranks: each rank sums the statistics of its own
+environments, one all-reduce (SUM) adds them up, and every rank finalizes the
+same update as one process that saw every environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any, overload
+
+import torch
+import torch.distributed as dist
+
+import gradand
+from gradand.backends.torch._common import XP, check_combiner, check_policy, detach_info
+
+__all__ = ["CommHookState", "all_reduce_statistics", "comm_hook", "register_comm_hook"]
+
+
+def _accumulation_dtype(a: torch.Tensor) -> torch.dtype:
+    return torch.float32 if torch.finfo(a.dtype).bits < 32 else a.dtype
+
+
+def _flat_all_reduce(items: Sequence[gradand.Statistics], group: Any) -> list[dict[str, torch.Tensor]]:
+    """All-reduce (SUM) every field of every item, one flat buffer per dtype."""
+    by_dtype: dict[torch.dtype, list[tuple[int, str, torch.Tensor]]] = {}
+    for i, s in enumerate(items):
+        for name, a in s.arrays().items():
+            by_dtype.setdefault(a.dtype, []).append((i, name, a))
+    out: list[dict[str, torch.Tensor]] = [{} for _ in items]
+    for entries in by_dtype.values():
+        flat = torch.cat([a.reshape(-1) for _, _, a in entries])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for i, name, a in entries:
+            out[i][name] = flat[offset : offset + a.numel()].view(a.shape)
+            offset += a.numel()
+    return out
+
+
+def _describe(meta: dict[str, Any]) -> str:
+    shapes = ", ".join(str(tuple(s)) for s in meta["shapes"])
+    n = len(meta["shapes"])
+    return f"{n} tensors of shapes [{shapes}], fields {meta['fields']}, dtypes {meta['dtypes']}"
+
+
+@overload
+def all_reduce_statistics(stats: gradand.Statistics, group: Any = None) -> gradand.Statistics: ...
+@overload
+def all_reduce_statistics(
+    stats: Iterable[gradand.Statistics], group: Any = None
+) -> list[gradand.Statistics]: ...
+def all_reduce_statistics(stats: Any, group: Any = None) -> Any:
+    """Sum statistics over the ranks of a process group (every rank calls this).
+
+    Each rank passes the statistics of its own environments (one
+    :class:`gradand.Statistics`, or a list, one per parameter tensor); every
+    rank gets back the statistics of all ranks' environments, as if one
+    process had seen them all. ``count`` comes back as a Python int.
+
+    Before summing, the ranks exchange what they pass (shapes, fields,
+    dtypes, ``eps``; a small ``all_gather_object``), so a rank whose gradient
+    has another shape makes *every* rank raise ``ValueError`` naming the
+    ranks and shapes, instead of hanging or summing garbage. Then each dtype's
+    fields travel in one flat all-reduce.
+
+    Args:
+        stats: one ``Statistics`` or a sequence of them (torch tensors),
+            none of them empty.
+        group: the process group (``None``: the default group).
+
+    Returns:
+        The summed ``Statistics`` (or a list of them, in the same order).
+
+    Example:
+        >>> import os, torch, torch.distributed as dist, gradand
+        >>> from gradand.backends import torch as gt
+        >>> store = dist.HashStore()  # a one-process group, just to show the call
+        >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        >>> s = gradand.statistics(torch.tensor([[1.0, -1.0], [2.0, 1.0]]), gradand.AndMask())
+        >>> total = gt.all_reduce_statistics(s)
+        >>> total.count, total.sign_sum
+        (2, tensor([2., 0.]))
+        >>> dist.destroy_process_group()
+    """
+    single = isinstance(stats, gradand.Statistics)
+    items = [stats] if single else list(stats)
+    if not items:
+        raise ValueError("stats is empty: pass one Statistics per parameter tensor")
+    for i, s in enumerate(items):
+        where = "stats" if single else f"stats[{i}]"
+        if not isinstance(s, gradand.Statistics):
+            raise TypeError(f"{where} must be gradand.Statistics; got {type(s).__name__}")
+        if s.is_empty:
+            raise ValueError(
+                f"{where} is empty (no environment on this rank); every rank must contribute at least "
+                f"one environment"
+            )
+        for name, a in s.arrays().items():
+            if not isinstance(a, torch.Tensor):
+                raise TypeError(f"{where}.{name} must be a torch.Tensor; got {type(a).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "all_reduce_statistics needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group)"
+        )
+    meta = {
+        "shapes": [tuple(s.shape) for s in items],
+        "fields": [s.fields for s in items],
+        "dtypes": [str(s.dtype) for s in items],
+        "eps": [s.eps for s in items],
+        "counts": [int(s.count) for s in items],
+    }
+    world = dist.get_world_size(group)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, meta, group=group)
+    keys = ("shapes", "fields", "dtypes", "eps")
+    bad = [r for r, m in enumerate(gathered) if any(m[k] != gathered[0][k] for k in keys)]
+    if bad:
+        me = dist.get_rank(group)
+        lines = "; ".join(f"rank {r}: {_describe(m)}" for r, m in enumerate(gathered))
+        raise ValueError(
+            f"all_reduce_statistics: the ranks passed statistics that cannot be summed (rank(s) {bad} "
+            f"differ from rank 0; this is rank {me}). Every rank must pass the same tensors, in the "
+            f"same order, for the same combiner: {lines}"
+        )
+    reduced = _flat_all_reduce(items, group)
+    out = []
+    for i, s in enumerate(items):
+        count = sum(m["counts"][i] for m in gathered)
+        out.append(s.replace(count=count, **reduced[i]))
+    return out[0] if single else out
+
+
+@dataclasses.dataclass
+class CommHookState:
+    """State of :func:`comm_hook`: the combiner, the group, and the last step's infos.
+
+    Attributes:
+        combiner: the gradand combiner.
+        group: the process group (``None``: the default group).
+        nan_policy: as in :func:`gradand.statistics`.
+        infos: after each backward, ``{parameter: MaskInfo}`` of the last
+            step (read it with :meth:`mask_infos`).
+
+    Example:
+        >>> import gradand
+        >>> from gradand.backends import torch as gt
+        >>> gt.CommHookState(gradand.AndMask(threshold=0.5)).combiner
+        AndMask(threshold=0.5, rescale=True)
+    """
+
+    combiner: gradand.Combiner
+    group: Any = None
+    nan_policy: str = "raise"
+    infos: dict[torch.Tensor, gradand.MaskInfo] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_combiner(self.combiner)
+        check_policy(self.nan_policy)
+
+    def mask_infos(self, params: Iterable[torch.Tensor]) -> list[gradand.MaskInfo]:
+        """The last step's :class:`gradand.MaskInfo` of ``params``, in their order."""
+        out = []
+        for i, p in enumerate(params):
+            if p not in self.infos:
+                raise KeyError(
+                    f"no mask info for params[{i}] (shape {tuple(p.shape)}): it was not reduced by "
+                    f"the hook yet (no backward since registering, or it does not require grad)"
+                )
+            out.append(self.infos[p])
+        return out
+
+
+def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: every rank's gradient is one environment.
+
+    Instead of averaging the bucket's gradients, each rank computes the
+    statistics of its own gradient (count 1), one all-reduce (SUM) adds them
+    over the ranks, and every rank writes ``gradand.finalize`` of the sums:
+    the same update as :func:`backward` with one loss per rank. DDP already
+    checks at construction that every rank has the same parameter shapes.
+    Register it with :func:`register_comm_hook` or
+    ``ddp.register_comm_hook(CommHookState(combiner), comm_hook)``.
+
+    For several environments per rank, reduce them locally first:
+    call :func:`backward` or :func:`vmap_backward` with ``all_reduce=True``
+    (on the plain module, or inside ``ddp.no_sync()``).
+
+    Example:
+        >>> from gradand.backends import torch as gt
+        >>> callable(gt.comm_hook)
+        True
+    """
+    combiner = state.combiner
+    grads = bucket.gradients()
+    params = bucket.parameters()
+    items = [gradand.statistics(g, combiner, axis=None, nan_policy=state.nan_policy, xp=XP) for g in grads]
+    world = dist.get_world_size(state.group)
+    dtype = _accumulation_dtype(grads[0])
+    arrays = [a.to(dtype).reshape(-1) for s in items for a in s.arrays().values()]
+    flat = torch.cat(arrays)
+    fut = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=state.group, async_op=True).get_future()
+
+    def finish(f: torch.futures.Future[Any]) -> torch.Tensor:
+        value = f.value()
+        summed = value[0] if isinstance(value, (list, tuple)) else value
+        offset = 0
+        buffer = bucket.buffer()
+        for s, g, p in zip(items, grads, params):
+            fields = {}
+            for name, a in s.arrays().items():
+                fields[name] = summed[offset : offset + a.numel()].view(a.shape).to(a.dtype)
+                offset += a.numel()
+            update, info = gradand.finalize(
+                s.replace(count=world, **fields), combiner, return_info=True, xp=XP
+            )
+            g.copy_(update)
+            state.infos[p] = detach_info(info)
+        return buffer
+
+    return fut.then(finish)
+
+
+# DDP checks a hook's annotations by identity; with postponed (string) annotations it would refuse it.
+comm_hook.__annotations__.update(
+    state=CommHookState, bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]}
+)
+
+
+def register_comm_hook(
+    ddp: torch.nn.parallel.DistributedDataParallel,
+    combiner: gradand.Combiner,
+    *,
+    group: Any = None,
+    nan_policy: str = "raise",
+) -> CommHookState:
+    """Make ``ddp`` combine the ranks' gradients with ``combiner`` instead of averaging.
+
+    Each rank's gradient (of its own loss) is one environment; see
+    :func:`comm_hook`. Returns the hook's state, whose
+    :meth:`CommHookState.mask_infos` gives the last step's infos.
+
+    Example:
+        >>> import gradand
+        >>> from gradand.backends import torch as gt
+        >>> # ddp = torch.nn.parallel.DistributedDataParallel(model)
+        >>> # hook = gt.register_comm_hook(ddp, gradand.AndMask(threshold=1.0))
+        >>> # loss.backward(); optimizer.step()  # .grad holds the AND-masked update
+    """
+    state = CommHookState(combiner, group=group, nan_policy=nan_policy)
+    ddp.register_comm_hook(state, comm_hook)
+    return state
