@@ -85,7 +85,10 @@ def _leaf_statistics(g: jax.Array, combiner: Combiner, nan_policy: str, name: st
     if nan_policy == "checkify":
         finite = jnp.isfinite(g)
         escaped = name.replace("{", "{{").replace("}", "}}")
-        message = f"{escaped} contains NaN or Inf ({{n}} of {g.size} entries of shape {tuple(g.shape)})"
+        message = (
+            f"{escaped} contains NaN or Inf ({{n}} of {g.size} entries of the per-environment "
+            f"gradients, stacked shape {tuple(g.shape)})"
+        )
         checkify.check(jnp.all(finite), message, n=jnp.sum(~finite))
         policy = "propagate"
     try:
