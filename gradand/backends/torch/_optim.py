@@ -91,9 +91,8 @@ class TemporalAndMaskAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, validating its hyperparameters."""
-        super().add_param_group(param_group)
-        g = self.param_groups[-1]
+        """Add a parameter group, validating its hyperparameters first."""
+        g = {**self.defaults, **param_group}
         check_temporal_hparams(
             lr=g["lr"],
             betas=tuple(g["betas"]),
@@ -103,6 +102,7 @@ class TemporalAndMaskAdam(torch.optim.Optimizer):
             weight_decay=g["weight_decay"],
             weight_decay_order=g["weight_decay_order"],
         )
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
