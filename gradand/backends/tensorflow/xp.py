@@ -1,0 +1,225 @@
+"""The array namespace of TensorFlow operations that the gradand core runs on.
+
+array-api-compat does not cover TensorFlow, so this module *is* the namespace:
+the handful of functions and dtypes that the core calls on ``xp`` (``sign``,
+``sum``, ``where``, ``astype``, ``finfo``, ...), each a thin alias of a ``tf``
+op. :mod:`gradand.backends.tensorflow` registers it on import, so
+``gradand.combine``, ``gradand.statistics``, ``gradand.finalize`` and
+``gradand.temporal.temporal_and_mask_step`` accept ``tf.Tensor`` and
+``tf.Variable`` arguments, eagerly and inside ``tf.function`` (XLA included),
+with no combiner math written here.
+
+``gradand_check_finite`` is the hook the core calls for ``nan_policy="raise"``:
+eagerly it raises ``ValueError`` like the core does for other arrays; inside a
+``tf.function`` graph it inserts ``tf.debugging.check_numerics``, which raises
+``tf.errors.InvalidArgumentError`` naming the tensor when the step runs. XLA
+(``jit_compile=True``) compiles ``check_numerics`` to nothing, so there the
+check is skipped, as under ``jax.jit``.
+
+Example:
+    >>> import tensorflow as tf
+    >>> import gradand
+    >>> from gradand.backends.tensorflow import xp
+    >>> g = tf.constant([[1.0, -2.0], [3.0, 2.0]])
+    >>> gradand.combine(g, gradand.AndMask(rescale=False), xp=xp).numpy()
+    array([2., 0.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import ml_dtypes
+import tensorflow as tf
+
+__all__ = [
+    "abs",
+    "all",
+    "asarray",
+    "astype",
+    "bfloat16",
+    "bool",
+    "exp",
+    "finfo",
+    "float16",
+    "float32",
+    "float64",
+    "full",
+    "gradand_check_finite",
+    "int32",
+    "int64",
+    "is_tensorflow_array",
+    "isdtype",
+    "isfinite",
+    "log",
+    "logical_not",
+    "matmul",
+    "matrix_transpose",
+    "maximum",
+    "minimum",
+    "ones",
+    "ones_like",
+    "sign",
+    "sqrt",
+    "sum",
+    "tanh",
+    "where",
+    "zeros",
+    "zeros_like",
+]
+
+_builtin_bool = bool
+
+float16 = tf.float16
+bfloat16 = tf.bfloat16
+float32 = tf.float32
+float64 = tf.float64
+int32 = tf.int32
+int64 = tf.int64
+bool = tf.bool
+
+sign = tf.sign
+abs = tf.abs
+exp = tf.exp
+log = tf.math.log
+sqrt = tf.sqrt
+tanh = tf.tanh
+isfinite = tf.math.is_finite
+logical_not = tf.logical_not
+maximum = tf.maximum
+minimum = tf.minimum
+matmul = tf.linalg.matmul
+matrix_transpose = tf.linalg.matrix_transpose
+zeros_like = tf.zeros_like
+ones_like = tf.ones_like
+
+
+def is_tensorflow_array(x: Any) -> _builtin_bool:
+    """Whether ``x`` is a ``tf.Tensor`` or ``tf.Variable`` (what this namespace serves)."""
+    return isinstance(x, (tf.Tensor, tf.Variable))
+
+
+def asarray(obj: Any, /, *, dtype: Any = None, device: Any = None, copy: Any = None) -> tf.Tensor:
+    """``tf.convert_to_tensor``, cast to ``dtype`` when given."""
+    t = tf.convert_to_tensor(obj)
+    if dtype is not None and t.dtype != dtype:
+        t = tf.cast(t, dtype)
+    return t
+
+
+def astype(x: Any, dtype: Any, /, *, copy: _builtin_bool = True, device: Any = None) -> tf.Tensor:
+    """``tf.cast``."""
+    return tf.cast(x, dtype)
+
+
+def sum(x: Any, /, *, axis: Any = None, dtype: Any = None, keepdims: _builtin_bool = False) -> tf.Tensor:
+    """``tf.reduce_sum`` (booleans are summed as int64, as the array API does)."""
+    if x.dtype == tf.bool:
+        x = tf.cast(x, tf.int64)
+    if dtype is not None:
+        x = tf.cast(x, dtype)
+    return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+
+def all(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> tf.Tensor:
+    """``tf.reduce_all``."""
+    if x.dtype != tf.bool:
+        x = tf.not_equal(x, tf.zeros((), x.dtype))
+    return tf.reduce_all(x, axis=axis, keepdims=keepdims)
+
+
+def where(condition: Any, x1: Any, x2: Any, /) -> tf.Tensor:
+    """``tf.where`` with broadcasting."""
+    return tf.where(condition, x1, x2)
+
+
+def zeros(shape: Any, *, dtype: Any = None, device: Any = None) -> tf.Tensor:
+    """``tf.zeros`` (float32 by default)."""
+    return tf.zeros(shape, dtype=dtype or tf.float32)
+
+
+def ones(shape: Any, *, dtype: Any = None, device: Any = None) -> tf.Tensor:
+    """``tf.ones`` (float32 by default)."""
+    return tf.ones(shape, dtype=dtype or tf.float32)
+
+
+def full(shape: Any, fill_value: Any, *, dtype: Any = None, device: Any = None) -> tf.Tensor:
+    """``tf.fill`` in ``dtype`` (float32 by default)."""
+    return tf.fill(shape, tf.constant(fill_value, dtype=dtype or tf.float32))
+
+
+class FloatInfo(NamedTuple):
+    """What :func:`finfo` reports: the fields of the array API's ``finfo``."""
+
+    bits: int
+    eps: float
+    max: float
+    min: float
+    smallest_normal: float
+    dtype: Any
+
+
+def finfo(dtype: Any, /) -> FloatInfo:
+    """Machine limits of a floating ``tf.DType``: ``bits``, ``eps``, ``max``, ``min``, ``smallest_normal``."""
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating:
+        raise TypeError(f"finfo() needs a floating dtype; got {dtype.name}")
+    info = ml_dtypes.finfo(dtype.as_numpy_dtype)  # numpy's finfo, bfloat16 included
+    return FloatInfo(
+        bits=dtype.size * 8,
+        eps=float(info.eps),
+        max=float(info.max),
+        min=float(info.min),
+        smallest_normal=float(info.smallest_normal),
+        dtype=dtype,
+    )
+
+
+_KINDS = {
+    "bool": lambda d: d == tf.bool,
+    "signed integer": lambda d: d.is_integer and not d.is_unsigned,
+    "unsigned integer": lambda d: d.is_integer and d.is_unsigned,
+    "integral": lambda d: d.is_integer,
+    "real floating": lambda d: d.is_floating,
+    "complex floating": lambda d: d.is_complex,
+    "numeric": lambda d: d.is_integer or d.is_floating or d.is_complex,
+}
+
+
+def isdtype(dtype: Any, kind: Any) -> _builtin_bool:
+    """The array API's ``isdtype`` for ``tf.DType`` (a kind name, a dtype, or a tuple of them)."""
+    if isinstance(kind, tuple):
+        return any(isdtype(dtype, k) for k in kind)
+    dtype = tf.as_dtype(dtype)
+    if isinstance(kind, str):
+        if kind not in _KINDS:
+            raise ValueError(f"isdtype(): unknown kind {kind!r}; expected one of {sorted(_KINDS)}")
+        return _builtin_bool(_KINDS[kind](dtype))
+    return dtype == tf.as_dtype(kind)
+
+
+def gradand_check_finite(x: Any, name: str) -> tf.Tensor:
+    """The core's hook for ``nan_policy="raise"``.
+
+    Eagerly: ``ValueError`` naming ``name``, the count of bad entries and the
+    shape. In a ``tf.function`` graph: ``tf.debugging.check_numerics``, which
+    raises ``tf.errors.InvalidArgumentError`` with the same advice when the
+    step runs (XLA compiles it away). Returns ``x`` (the checked tensor in
+    graph mode, so the check is on the data path).
+    """
+    advice = (
+        "a non-finite gradient would poison the update. Pass nan_policy='zero' to drop those "
+        "components (they cast no vote and add nothing), or nan_policy='propagate' to let them through."
+    )
+    if tf.executing_eagerly():
+        finite = tf.math.is_finite(x)
+        if not _builtin_bool(tf.reduce_all(finite)):
+            n_bad = int(tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64)))
+            shape = tuple(x.shape)
+            raise ValueError(
+                f"{name} contains NaN or Inf ({n_bad} of {math.prod(shape)} entries of shape {shape}); "
+                + advice
+            )
+        return x
+    return tf.debugging.check_numerics(x, message=f"gradand: {name} contains NaN or Inf; {advice}")
