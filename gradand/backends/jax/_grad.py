@@ -26,6 +26,7 @@ from gradand.backends.jax._tree import (
     check_nan_policy,
     finalize,
     is_floating,
+    make_varying,
     merge_trees,
     statistics,
 )
@@ -263,6 +264,8 @@ def value_and_grad(
         for i in argnums_t:
             _check_params(args[i], i)
         envs = _environment_count(axes, args)
+        if axis_name is not None:  # per-device gradients, not JAX's implicit sum over devices
+            args = tuple(make_varying(a, axis_name) if i in argnums_t else a for i, a in enumerate(args))
         # Move every environment axis to the front, so chunks are slices of axis 0.
         args = _map_mapped(lambda ax, x: jnp.moveaxis(jnp.asarray(x), ax, 0), axes, args)
         axes0 = tuple(jax.tree.map(lambda ax: None if ax is None else 0, s, is_leaf=_is_none) for s in axes)
@@ -287,7 +290,7 @@ def value_and_grad(
             shapes = jax.eval_shape(
                 lambda *a: chunk_statistics(*a, policy="propagate")[2], *_slice(args, axes0, 0, chunk)
             )
-            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            zero = jax.tree.map(jnp.zeros_like, shapes)  # keeps shard_map's device-variance
 
             def body(carry: PyTree, i: jax.Array) -> tuple[PyTree, tuple[Any, Any]]:
                 part_losses, part_aux, part = chunk_statistics(*_slice(args, axes0, i * chunk, chunk))

@@ -59,7 +59,10 @@ def reduce_environments(
     Args:
         combiner: ``gradand.Mean()``, ``gradand.AndMask(...)``, ...
         axis_name: inside ``shard_map``/``pmap``, the axis the environments are
-            split over: statistics are ``lax.psum``-ed before finalizing.
+            split over: statistics are ``lax.psum``-ed before finalizing. Each
+            device passes its own environments' updates (inside ``shard_map``,
+            gradients with respect to ``jax.lax.pcast(params, axis_name,
+            to="varying")``; see :func:`gradand.backends.jax.combine`).
         nan_policy: as in :func:`gradand.backends.jax.statistics`.
 
     Example:

@@ -168,6 +168,37 @@ def psum_statistics(stats: PyTree, axis_name: AxisName) -> PyTree:
     return jax.lax.psum(as_arrays, axis_name)
 
 
+def _varying_axes(x: Any) -> frozenset:
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(vma)
+
+
+def make_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """Mark ``tree`` device-varying along ``axis_name`` inside ``shard_map``.
+
+    Inside ``shard_map`` the gradient with respect to a replicated (invariant)
+    value is summed over the devices automatically; gradients taken with
+    respect to a device-varying copy stay each device's own, which is what
+    the per-device statistics need. Outside ``shard_map`` (``pmap``, ``vmap``)
+    nothing is summed and ``tree`` is returned as it is.
+    """
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+    def leaf(x: Any) -> Any:
+        missing = tuple(n for n in names if n not in _varying_axes(x))
+        if not missing:
+            return x
+        try:
+            return jax.lax.pcast(x, missing, to="varying")
+        except ValueError:  # a vmap axis name: not a device axis, no implicit sum to avoid
+            return x
+
+    return jax.tree.map(leaf, tree)
+
+
 def merge_trees(a: PyTree, b: PyTree) -> PyTree:
     """Leaf-wise :func:`gradand.merge` of two pytrees of statistics."""
     return jax.tree.map(gradand.merge, a, b, is_leaf=_is_stats)
@@ -249,7 +280,11 @@ def combine(
         combiner: ``gradand.Mean()``, ``gradand.AndMask(...)``, ``gradand.GeometricMean(...)``,
             ``gradand.SandMask(...)``.
         axis_name: inside ``shard_map``/``pmap``, the axis the environments
-            are spread over; see :func:`finalize`.
+            are spread over; see :func:`finalize`. Each device must pass its
+            *own* environments' gradients: inside ``shard_map`` take them with
+            respect to ``jax.lax.pcast(params, axis_name, to="varying")``, or
+            JAX has already summed them over the devices (or use
+            :func:`gradand.backends.jax.value_and_grad`, which does this).
         return_info: also return a :class:`TreeInfo` (per-leaf survivor
             fraction and agreement) for logging.
         nan_policy: see :func:`statistics`.
