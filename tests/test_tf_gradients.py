@@ -1,0 +1,283 @@
+"""Tape -> combined gradients: equal to the numpy core; loop == vectorised; eager == tf.function == XLA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradand
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+gtf = pytest.importorskip("gradand.backends.tensorflow")
+
+COMBINERS = [
+    gradand.Mean(),
+    gradand.AndMask(0.7),
+    gradand.AndMask(1.0, rescale=False),
+    gradand.GeometricMean(0.5),
+    gradand.SandMask(0.3, k=10.0),
+]
+E, B = 4, 8
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((E, B, 3)).astype(np.float32)
+    y = (rng.random((E, B, 1)) > 0.5).astype(np.float32)
+    return x, y
+
+
+def _net(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(1)]
+    )
+
+
+def _env_losses(net, x, y):
+    return [
+        tf.reduce_mean(keras.losses.binary_crossentropy(y[e], net(x[e]), from_logits=True))
+        for e in range(x.shape[0])
+    ]
+
+
+def _oracle(net, x, y, combiner):
+    """Per-environment gradients from TF, combined by the numpy core."""
+    with tf.GradientTape(persistent=True) as tape:
+        losses = _env_losses(net, x, y)
+    per_var = [np.stack([tape.gradient(loss, v).numpy() for loss in losses]) for v in net.trainable_variables]
+    return [gradand.combine(g, combiner, return_info=True) for g in per_var]
+
+
+def _close(grads, oracle):
+    assert len(grads) == len(oracle)
+    for g, (ref, _) in zip(grads, oracle):
+        np.testing.assert_allclose(g.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+# Every combiner by the loop; the (slower to trace) vectorised Jacobian for two of them.
+CASES = [(c, "loop") for c in COMBINERS] + [(c, "vectorized") for c in (COMBINERS[1], COMBINERS[4])]
+
+
+@pytest.mark.parametrize(
+    ("combiner", "method"), CASES, ids=lambda v: repr(v) if not isinstance(v, str) else v
+)
+def test_combined_gradients_equal_the_numpy_core_and_report_per_variable_info(combiner, method):
+    x, y = _data()
+    net = _net()
+    oracle = _oracle(net, x, y, combiner)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = _env_losses(net, x, y)
+    grads, info = gtf.combined_gradients(tape, losses, net.trainable_variables, combiner, method=method)
+    _close(grads, oracle)
+    for i, (_, ref_info) in zip(info, oracle):
+        np.testing.assert_allclose(float(i.survivor_fraction), float(ref_info.survivor_fraction), rtol=1e-6)
+        np.testing.assert_allclose(float(i.agreement), float(ref_info.agreement), rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("method", ["loop", "vectorized"])
+def test_tf_function_step_equals_the_eager_step(method, jit_compile):
+    x, y = _data(1)
+    net = _net(1)
+    c = gradand.SandMask(0.3, k=5.0)
+    oracle = _oracle(net, x, y, c)
+
+    @tf.function(jit_compile=jit_compile)
+    def step(x, y):
+        with tf.GradientTape(persistent=True) as tape:
+            losses = _env_losses(net, x, y)
+        return gtf.combined_gradients(tape, losses, net.trainable_variables, c, method=method)
+
+    grads, info = step(tf.constant(x), tf.constant(y))
+    _close(grads, oracle)
+    assert 0.0 <= float(info[0].survivor_fraction) <= 1.0
+
+
+def test_vectorized_map_statistics_equal_the_loop_statistics():
+    x, y = _data(2)
+    net = _net(2)
+    c = gradand.GeometricMean(0.5)
+
+    def env_loss(x_e, y_e):
+        return tf.reduce_mean(keras.losses.binary_crossentropy(y_e, net(x_e), from_logits=True))
+
+    stats = gtf.vectorized_statistics(env_loss, net.trainable_variables, (tf.constant(x), tf.constant(y)), c)
+    assert all(s.count == E for s in stats)
+    grads, _ = gtf.finalize_gradients(stats, c)
+    _close(grads, _oracle(net, x, y, c))
+
+
+def test_vectorized_map_statistics_return_stacked_aux_values():
+    w = tf.Variable([1.0, -1.0])
+    x = tf.constant(np.arange(6, dtype=np.float32).reshape(3, 2))
+    stats, aux = gtf.vectorized_statistics(
+        lambda x_e: (tf.reduce_sum(w * x_e), x_e * 2.0), [w], x, gradand.Mean(), has_aux=True
+    )
+    np.testing.assert_allclose(aux.numpy(), 2.0 * x.numpy())
+    np.testing.assert_allclose(stats[0].sum.numpy(), x.numpy().sum(0))
+
+
+def test_a_one_dimensional_loss_tensor_works_like_a_list_of_losses():
+    x, y = _data(3)
+    net = _net(3)
+    c = gradand.AndMask(0.5)
+    for method in ("loop", "vectorized"):
+        with tf.GradientTape(persistent=True) as tape:
+            losses = tf.stack(_env_losses(net, x, y))
+        grads, _ = gtf.combined_gradients(tape, losses, net.trainable_variables, c, method=method)
+        _close(grads, _oracle(net, x, y, c))
+
+
+def test_gradients_keep_the_structure_of_the_variables():
+    a, b = tf.Variable([1.0, 2.0]), tf.Variable(3.0)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = [tf.reduce_sum(a) * b, tf.reduce_sum(a * a) + b]
+    grads, info = gtf.combined_gradients(tape, losses, {"a": a, "b": b}, gradand.Mean())
+    assert set(grads) == {"a", "b"} and set(info) == {"a", "b"}
+    np.testing.assert_allclose(grads["a"].numpy(), [(3.0 + 2.0) / 2, (3.0 + 4.0) / 2])
+    np.testing.assert_allclose(float(grads["b"]), (3.0 + 1.0) / 2)
+    assert isinstance(info["b"], gradand.MaskInfo)
+
+
+def test_a_variable_no_loss_depends_on_gets_none_and_a_partly_used_one_counts_zero_votes():
+    used, partly, unused = tf.Variable([1.0, 1.0]), tf.Variable([1.0, 1.0]), tf.Variable([5.0])
+    for method in ("loop", "vectorized"):
+        with tf.GradientTape(persistent=True) as tape:
+            losses = [
+                tf.reduce_sum(used * [1.0, 2.0]) + tf.reduce_sum(partly),
+                tf.reduce_sum(used * [3.0, -2.0]),
+            ]
+        grads, info = gtf.combined_gradients(
+            tape, losses, [used, partly, unused], gradand.AndMask(0.5, rescale=False), method=method
+        )
+        assert grads[2] is None and info[2] is None
+        np.testing.assert_allclose(grads[0].numpy(), [2.0, 0.0])
+        # environment 2 does not touch `partly`: its zero gradient casts no vote, agreement 1/2
+        np.testing.assert_allclose(grads[1].numpy(), [0.5, 0.5])
+        np.testing.assert_allclose(float(info[1].agreement), 0.5)
+
+
+def test_embedding_gradients_given_as_indexed_slices_are_combined_densely():
+    emb = keras.layers.Embedding(5, 2)
+    emb.build((None,))
+    ids = tf.constant([[0, 1], [1, 3]])
+    with tf.GradientTape(persistent=True) as tape:
+        losses = [tf.reduce_sum(emb(ids[e])) for e in range(2)]
+    grads, _ = gtf.combined_gradients(
+        tape, losses, emb.trainable_variables, gradand.AndMask(1.0, rescale=False)
+    )
+    # row 1 gets gradient 1 from both environments; rows 0 and 3 from one each (the other casts no vote)
+    np.testing.assert_allclose(grads[0].numpy(), [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+
+
+def test_summary_weights_each_variable_by_its_size():
+    info = [
+        gradand.MaskInfo(tf.constant(1.0), tf.constant(1.0)),
+        None,
+        gradand.MaskInfo(tf.constant(0.0), tf.constant(0.5)),
+    ]
+    out = gtf.CombinedGradients([tf.zeros(1), None, tf.zeros((3,))], info)
+    fraction, agreement = out.summary()
+    assert float(fraction) == pytest.approx(0.25) and float(agreement) == pytest.approx(0.625)
+
+
+def test_all_reduce_outside_a_strategy_leaves_the_statistics_unchanged():
+    s = gradand.statistics(tf.constant([[1.0, -1.0], [2.0, 1.0]]), gradand.AndMask())
+    out = gtf.all_reduce_statistics([s, None])
+    assert out[0] is s and out[1] is None
+
+
+def test_an_optimizer_applies_the_combined_gradients():
+    w = tf.Variable([1.0, 1.0])
+    with tf.GradientTape(persistent=True) as tape:
+        losses = [tf.reduce_sum(w * [1.0, 2.0]), tf.reduce_sum(w * [3.0, -2.0])]
+    grads, _ = gtf.combined_gradients(tape, losses, [w], gradand.AndMask(rescale=False))
+    keras.optimizers.SGD(0.5).apply_gradients(zip(grads, [w]))
+    np.testing.assert_allclose(w.numpy(), [0.0, 1.0])
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def _tape_and_losses(persistent=True):
+    w = tf.Variable([1.0, 2.0])
+    with tf.GradientTape(persistent=persistent) as tape:
+        losses = [tf.reduce_sum(w), tf.reduce_sum(w * w)]
+    return tape, losses, w
+
+
+def test_loop_on_a_non_persistent_tape_says_to_make_it_persistent():
+    tape, losses, w = _tape_and_losses(persistent=False)
+    with pytest.raises(ValueError, match=r"persistent=True"):
+        gtf.combined_gradients(tape, losses, [w], gradand.AndMask())
+
+
+def test_vectorized_works_on_a_non_persistent_tape():
+    tape, losses, w = _tape_and_losses(persistent=False)
+    grads, _ = gtf.combined_gradients(tape, losses, [w], gradand.Mean(), method="vectorized")
+    np.testing.assert_allclose(grads[0].numpy(), [(1 + 2) / 2, (1 + 4) / 2])
+
+
+@pytest.mark.parametrize(
+    ("losses", "error", "match"),
+    [
+        ([], ValueError, r"losses is empty"),
+        ("not losses", TypeError, r"losses must be a list of scalar tensors.*got str"),
+        ([1.0, 2.0], TypeError, r"losses\[0\] must be a scalar tf.Tensor.*got float"),
+        ([tf.zeros(3)], ValueError, r"losses\[0\] must be a scalar.*got shape \(3,\)"),
+        ([tf.constant(1)], TypeError, r"losses\[0\] must have a floating dtype; got int32"),
+        (tf.zeros((2, 2)), ValueError, r"1-D tensor.*got a tensor of shape \(2, 2\)"),
+    ],
+)
+def test_bad_losses_get_a_clear_error(losses, error, match):
+    tape, _, w = _tape_and_losses()
+    with pytest.raises(error, match=match):
+        gtf.combined_gradients(tape, losses, [w], gradand.AndMask())
+
+
+def test_bad_arguments_get_a_clear_error():
+    tape, losses, w = _tape_and_losses()
+    with pytest.raises(TypeError, match=r"tape must be a tf.GradientTape; got list"):
+        gtf.combined_gradients([], losses, [w], gradand.AndMask())
+    with pytest.raises(ValueError, match=r"method must be one of \('loop', 'vectorized'\); got 'pfor'"):
+        gtf.combined_gradients(tape, losses, [w], gradand.AndMask(), method="pfor")
+    with pytest.raises(ValueError, match=r"variables is empty"):
+        gtf.combined_gradients(tape, losses, [], gradand.AndMask())
+    with pytest.raises(TypeError, match=r"combiner must be a gradand combiner.*got str"):
+        gtf.combined_gradients(tape, losses, [w], "and_mask")
+    with pytest.raises(ValueError, match=r"nan_policy must be one of"):
+        gtf.combined_gradients(tape, losses, [w], gradand.AndMask(), nan_policy="ignore")
+
+
+def test_nan_gradients_raise_eagerly_and_in_graph_mode_and_can_be_zeroed():
+    w = tf.Variable([1.0, 1.0])
+
+    def losses():
+        return [tf.reduce_sum(w * [1.0, float("nan")]), tf.reduce_sum(w * [2.0, 1.0])]
+
+    with tf.GradientTape(persistent=True) as tape:
+        ls = losses()
+    with pytest.raises(ValueError, match=r"grads contains NaN or Inf \(1 of 2 entries"):
+        gtf.combined_gradients(tape, ls, [w], gradand.AndMask())
+
+    @tf.function
+    def step(policy):
+        with tf.GradientTape(persistent=True) as tape:
+            ls = losses()
+        return gtf.combined_gradients(tape, ls, [w], gradand.AndMask(0.5, rescale=False), nan_policy=policy)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"gradand: grads contains NaN or Inf"):
+        step("raise")
+    grads, _ = step("zero")
+    np.testing.assert_allclose(grads[0].numpy(), [1.5, 0.5])
+
+
+def test_vectorized_statistics_rejects_environments_of_different_counts():
+    w = tf.Variable([1.0])
+    with pytest.raises(ValueError, match=r"same static, non-zero number of environments.*\['2', '3'\]"):
+        gtf.vectorized_statistics(
+            lambda a, b: tf.reduce_sum(w * a) + tf.reduce_sum(b), [w], (tf.zeros((2, 1)), tf.zeros((3, 1))),
+            gradand.Mean(),
+        )  # fmt: skip
