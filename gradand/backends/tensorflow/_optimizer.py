@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import keras
@@ -11,6 +12,15 @@ from gradand.backends.tensorflow import xp
 from gradand.temporal import check_temporal_hparams, temporal_and_mask_step
 
 __all__ = ["TemporalAndMask"]
+
+# core argument name (regex) -> this optimizer's argument name
+_ARGUMENT_NAMES = (
+    (r"^lr\b", "learning_rate"),
+    (r"^betas\[0\]", "beta_1"),
+    (r"^betas\[1\]", "beta_2"),
+    (r"^beta3\b", "beta_3"),
+    (r"^eps\b", "epsilon"),
+)
 
 
 @keras.saving.register_keras_serializable(package="gradand")
@@ -72,15 +82,21 @@ class TemporalAndMask(keras.optimizers.Optimizer):
         name: str = "temporal_and_mask",
         **kwargs: Any,
     ) -> None:
-        check_temporal_hparams(
-            lr=learning_rate if isinstance(learning_rate, (int, float)) else 0.0,
-            betas=(beta_1, beta_2),
-            beta3=beta_3,
-            threshold=threshold,
-            eps=epsilon,
-            weight_decay=weight_decay,
-            weight_decay_order=weight_decay_order,
-        )
+        try:
+            check_temporal_hparams(
+                lr=learning_rate if isinstance(learning_rate, (int, float)) else 0.0,
+                betas=(beta_1, beta_2),
+                beta3=beta_3,
+                threshold=threshold,
+                eps=epsilon,
+                weight_decay=weight_decay,
+                weight_decay_order=weight_decay_order,
+            )
+        except (TypeError, ValueError) as error:  # name the arguments as this class does
+            message = str(error)
+            for core, keras_name in _ARGUMENT_NAMES:
+                message = re.sub(core, keras_name, message)
+            raise type(error)(message) from None
         # Keras's own decoupled weight decay stays off: the temporal step applies its own.
         super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
         self.beta_1 = float(beta_1)
