@@ -138,6 +138,8 @@ def check_writable(directory: str | os.PathLike[str]) -> Path:
         'results'
     """
     path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise OSError(f"output directory {str(path)!r} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".gradand-probe-", delete=True):
@@ -148,6 +150,13 @@ def check_writable(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _file_mode() -> int:
+    """The mode a newly created file gets under the current umask (mkstemp makes 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def _atomic_path(path: Path, suffix: str) -> Iterator[Path]:
     """A temporary path in ``path``'s directory, moved onto ``path`` on success."""
@@ -155,6 +164,7 @@ def _atomic_path(path: Path, suffix: str) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -239,7 +249,7 @@ def save_figure(path: str | os.PathLike[str], draw: Callable[[Any], Any]) -> Pat
 def progress(
     iterable: Iterable[Any], *, total: int | None = None, desc: str = "", enabled: bool = True
 ) -> Any:
-    """A tqdm progress bar on stderr when tqdm is installed and ``enabled``; the iterable otherwise.
+    """A tqdm progress bar on stderr (when tqdm is installed, ``enabled``, and stderr is a terminal).
 
     Example:
         >>> from gradand.experiments._report import progress
@@ -250,7 +260,10 @@ def progress(
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+    # disable=None: tqdm shows the bar only when stderr is a terminal (no noise in logs and pipes).
+    return tqdm(
+        iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, disable=None
+    )
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

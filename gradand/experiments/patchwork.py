@@ -12,14 +12,14 @@ is also the one that transfers to environments not seen in training.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from gradand._combine import combine
 from gradand._combiners import AndMask, Combiner, GeometricMean, Mean
 
-__all__ = ["PatchworkResult", "default_combiners", "inputs", "train"]
+__all__ = ["MEAN_WEIGHTS", "SETTINGS", "PatchworkResult", "default_combiners", "inputs", "reproduce", "train"]
 
 
 def inputs() -> tuple[np.ndarray, np.ndarray]:
@@ -108,3 +108,118 @@ def train(
         train_loss=float(losses[env].mean()),
         heldout_loss=float(losses[held].mean()) if held else float("nan"),
     )
+
+
+#: The expected weights of the notebook (paper Fig. 1 discussion).
+MEAN_WEIGHTS: tuple[float, ...] = (0.32, 0.32, 0.32, 0.32, 0.13)
+SETTINGS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3), (0, 1))
+
+
+def _trainer(backend: str, device: str) -> Any:
+    if backend == "numpy":
+        if device != "cpu":
+            raise ValueError(f"the numpy backend runs on the CPU; got --device {device!r}")
+        return train
+    if backend == "torch":
+        from gradand.experiments.torch_training import train_patchwork
+
+        return lambda combiner, **kw: train_patchwork(combiner, device=device, **kw)
+    raise ValueError(f"backend {backend!r} is not supported for the patchwork experiment; use numpy or torch")
+
+
+def reproduce(
+    *, backend: str = "numpy", device: str = "cpu", steps: int = 1000, record_every: int = 10
+) -> Any:
+    """Train the three methods on all four and on two of the four environments; a report.
+
+    Returns a :class:`gradand.experiments._report.Report` with the weights,
+    losses and (every ``record_every`` steps) the weight trajectories, the
+    summary table, the paper's claims checked, and a plot of the trajectories.
+
+    Example:
+        >>> from gradand.experiments.patchwork import reproduce
+        >>> report = reproduce()
+        >>> report.results["4 envs"]["and_mask"]["weights"]
+        [0.0, 0.0, 0.0, 0.0, 3.0]
+        >>> all(c.passed for c in report.checks)
+        True
+    """
+    from gradand.experiments._report import Check, Report, format_table
+
+    fit = _trainer(backend, device)
+    results: dict[str, dict[str, Any]] = {}
+    rows = []
+    for envs in SETTINGS:
+        key = f"{len(envs)} envs"
+        results[key] = {}
+        for name, combiner in default_combiners().items():
+            r = fit(combiner, environments=envs, steps=steps)
+            results[key][name] = {
+                "environments": list(envs),
+                "weights": [round(float(w), 4) for w in r.weights],
+                "train_loss": r.train_loss,
+                "heldout_loss": r.heldout_loss,
+                "trajectory_steps": list(range(0, steps + 1, record_every)),
+                "trajectory": r.trajectory[::record_every].tolist(),
+            }
+            weights = "[" + ", ".join(f"{w:5.2f}" for w in r.weights) + "]"
+            held = "-" if len(envs) == 4 else f"{r.heldout_loss:.3f}"
+            rows.append([name, key, weights, held])
+    table = format_table(["method", "trained on", "weights", "held-out loss"], rows)
+
+    four, two = results["4 envs"], results["2 envs"]
+    mean_w = np.asarray(four["mean"]["weights"])
+    checks = [
+        Check(
+            f"averaging sews the shortcuts together: mean weights {np.round(mean_w, 2).tolist()} "
+            f"≈ {list(MEAN_WEIGHTS)}",
+            bool(np.allclose(mean_w, MEAN_WEIGHTS, atol=0.01)),
+            {"weights": mean_w, "expected": MEAN_WEIGHTS},
+        )
+    ]
+    for name in ("and_mask", "geometric_mean"):
+        w = np.asarray(four[name]["weights"])
+        checks.append(
+            Check(
+                f"{name} finds the invariant feature: last weight {w[4]:.3f} ≈ 3, others "
+                f"max |w| {np.abs(w[:4]).max():.3f} ≈ 0",
+                bool(abs(w[4] - 3.0) <= 0.05 and np.abs(w[:4]).max() <= 0.01),
+                {"weights": w},
+            )
+        )
+    checks.append(
+        Check(
+            f"the invariant solution transfers to the held-out environments: held-out loss "
+            f"and_mask {two['and_mask']['heldout_loss']:.3f} < mean {two['mean']['heldout_loss']:.3f}",
+            two["and_mask"]["heldout_loss"] < two["mean"]["heldout_loss"],
+            {name: two[name]["heldout_loss"] for name in two},
+        )
+    )
+
+    def draw(plt: Any) -> Any:
+        fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True, sharey=True)
+        for row, key in zip(axes, results):
+            for ax, (name, r) in zip(row, results[key].items()):
+                traj = np.asarray(r["trajectory"])
+                for i in range(traj.shape[1]):
+                    label = f"w{i} (env {i} only)" if i < 4 else "w4 (invariant)"
+                    ax.plot(r["trajectory_steps"], traj[:, i], label=label, lw=2 if i == 4 else 1)
+                ax.set_title(f"{name}, trained on {key}", fontsize=10)
+                ax.grid(alpha=0.3)
+        for ax in axes[1]:
+            ax.set_xlabel("step")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("weight")
+        axes[0, 0].legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+    config = {
+        "backend": backend,
+        "device": device,
+        "steps": steps,
+        "lr": 0.3,
+        "lr_decay": 0.9995,
+        "weight_decay": 0.01,
+    }
+    return Report("patchwork", config, results, checks, table, draw, [])

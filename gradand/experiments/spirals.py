@@ -371,6 +371,7 @@ def run(
     device: str = "cpu",
     show_progress: bool = True,
     preset_name: str = "custom",
+    log: Any = None,
 ) -> Any:
     """Train every method on every seed and test the paper's claims.
 
@@ -378,6 +379,7 @@ def run(
 
     Seed ``s`` generates the data (``make_spirals(seed=s)``) and initialises
     the model; all methods see the same data and initialisation for a seed.
+    ``log(message)``, when given, receives one line per finished run.
 
     Example:
         >>> from gradand.experiments.spirals import SpiralsSetting, TrainSetting, run
@@ -414,6 +416,11 @@ def run(
                 desc=f"spirals {m} seed {seed}",
             )
             r = per_method[m]
+            if log is not None:
+                log(
+                    f"spirals {m} seed {seed}: train {out['final']['train']:.3f} "
+                    f"test {out['final']['test']:.3f} ({out['seconds']:.1f} s)"
+                )
             r["train_acc"].append(out["final"]["train"])
             r["test_acc"].append(out["final"]["test"])
             r["survivor_fraction"].append(out["survivor_fraction"])

@@ -16,6 +16,7 @@ imports every module); calling it raises a clear error.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -217,7 +218,8 @@ def train_classifier(
 
     Returns:
         ``{"final": {name: accuracy}, "curve": {"epoch": [...], name: [...]},
-        "survivor_fraction": mean over steps (1 for Mean), "steps": int}``.
+        "survivor_fraction": mean over steps (1 for Mean), "steps": int,
+        "seconds": training time}``.
 
     Example:
         >>> import numpy as np, torch, gradand
@@ -286,6 +288,7 @@ def train_classifier(
         for name, (ex, ey) in evals.items():
             curve[name].append(_accuracy(model, ex, ey))
 
+    start = time.perf_counter()
     total = epochs * steps_per_epoch
     bar = progress(range(total), total=total, desc=desc, enabled=show_progress)
     it = iter(bar)
@@ -324,6 +327,7 @@ def train_classifier(
         "curve": curve,
         "survivor_fraction": float(np.mean(survivors)) if survivors else 1.0,
         "steps": total,
+        "seconds": time.perf_counter() - start,
     }
 
 
