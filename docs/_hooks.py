@@ -34,15 +34,32 @@ def backend_modules() -> list[str]:
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
+def public_submodules(name: str) -> list[str]:
+    """Public modules inside a backend package (e.g. ``tensorflow.xp``), by name."""
+    package = BACKENDS / name
+    if not package.is_dir():
+        return []
+    return sorted(
+        p.stem
+        for p in package.iterdir()
+        if not p.name.startswith("_") and (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))
+    )
+
+
 def page_source(name: str) -> str:
     title = TITLES.get(name, name)
-    return (
+    parts = [
         f"# {title} backend\n\n"
         f"`gradand.backends.{name}` adapts the core to {title}: it turns {title}'s gradients into "
         f"the core's arrays and back, and never re-implements a combiner's math. "
         f"Import it explicitly; importing `gradand` imports no framework.\n\n"
         f"::: gradand.backends.{name}\n"
-    )
+        f"    options:\n"
+        f"      show_if_no_docstring: true\n"
+    ]
+    for sub in public_submodules(name):
+        parts.append(f"\n::: gradand.backends.{name}.{sub}\n")
+    return "".join(parts)
 
 
 def on_config(config: Any, **kwargs: Any) -> Any:
