@@ -91,6 +91,20 @@ def test_an_environment_absent_from_an_index_batch_is_left_out_of_that_step():
         np.testing.assert_allclose(v.numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_decay_is_added_to_the_combined_gradient_after_the_mask():
+    x, y = _data(7)
+    c = gradand.AndMask(1.0)
+    net = _net()
+    decay = [0.1 * 0.05 * v.numpy() for v in net.trainable_variables]
+    expected = [w - d for w, d in zip(_sgd_oracle(net, x, y, c), decay)]
+    model = gtf.EnvironmentModel(_net(), combiner=c, weight_decay=0.05)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=_bce())
+    model.fit(tf.data.Dataset.from_tensors((x, y)), epochs=1, verbose=0, shuffle=False)
+    for v, ref in zip(model.model.trainable_variables, expected):
+        np.testing.assert_allclose(v.numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert model.get_config()["weight_decay"] == 0.05
+
+
 def test_mean_keeps_every_component_and_reports_it_in_the_progress_bar_logs():
     x, y = _data(3)
     model = gtf.EnvironmentModel(_net(), combiner=gradand.Mean())
@@ -229,6 +243,7 @@ def test_environment_batches_stack_one_batch_per_environment():
         ({"num_environments": 0}, ValueError, r"num_environments must be None .* got 0"),
         ({"num_environments": 3, "method": "vectorized"}, ValueError, r"vectorized' needs equal-sized"),
         ({"nan_policy": "ignore"}, ValueError, r"nan_policy must be one of"),
+        ({"weight_decay": -1.0}, ValueError, r"weight_decay must be a number >= 0; got -1.0"),
     ],
 )
 def test_bad_environment_settings_get_a_clear_error(kwargs, error, match):

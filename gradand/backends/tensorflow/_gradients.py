@@ -483,6 +483,11 @@ def combined_gradients(
     of all environments together; each replica then returns ``update / N``,
     because ``optimizer.apply_gradients`` sums the gradients of the replicas.
     The result is the update that one replica seeing every environment would apply.
+    Pass each environment's own loss: a ``keras.losses.Loss`` object called
+    under a strategy divides its result by the number of replicas, which
+    would scale the gradients gradand combines (use the functional form,
+    e.g. ``tf.reduce_mean(keras.losses.binary_crossentropy(...))``, or
+    multiply back).
 
     Args:
         tape: the ``tf.GradientTape`` the losses were recorded on

@@ -43,7 +43,7 @@ from gradand.backends.tensorflow._gradients import (
 
 __all__ = ["EnvironmentModel", "EnvironmentTrainStep"]
 
-_CONFIG_KEYS = ("combiner", "environment_axis", "num_environments", "method", "nan_policy")
+_CONFIG_KEYS = ("combiner", "environment_axis", "num_environments", "method", "nan_policy", "weight_decay")
 
 
 def combiner_to_config(combiner: Combiner) -> dict[str, Any]:
@@ -71,7 +71,12 @@ def combiner_from_config(config: Any) -> Combiner:
 
 
 def _check_environment_config(
-    combiner: Any, environment_axis: Any, num_environments: Any, method: Any, nan_policy: Any
+    combiner: Any,
+    environment_axis: Any,
+    num_environments: Any,
+    method: Any,
+    nan_policy: Any,
+    weight_decay: Any,
 ) -> Combiner:
     combiner = combiner_from_config(combiner) if isinstance(combiner, dict) else combiner
     if not isinstance(combiner, Combiner):
@@ -95,6 +100,8 @@ def _check_environment_config(
         )
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}; got {nan_policy!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be a number >= 0; got {weight_decay!r}")
     return combiner
 
 
@@ -136,6 +143,11 @@ class EnvironmentTrainStep:
         nan_policy: ``"raise"``, ``"zero"`` or ``"propagate"``. With a
             ``keras.optimizers.LossScaleOptimizer`` use ``"propagate"``, so
             that it sees overflowing steps and skips them.
+        weight_decay: an L2 term ``weight_decay · θ`` added to the combined
+            gradient, after the mask, before the optimizer (the reference
+            implementation's setting: with Adam it steadily shrinks the
+            masked weights). Keras's own ``weight_decay`` of the optimizer is
+            decoupled instead; both can be used.
 
     Under ``tf.distribute`` (``environment_axis=0`` only) each replica gets
     some of the environments, their statistics are all-reduced with SUM, and
@@ -168,6 +180,7 @@ class EnvironmentTrainStep:
         num_environments: int | None = None,
         method: str = "loop",
         nan_policy: str = "raise",
+        weight_decay: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -177,6 +190,7 @@ class EnvironmentTrainStep:
             num_environments=num_environments,
             method=method,
             nan_policy=nan_policy,
+            weight_decay=weight_decay,
         )
         self.survivor_fraction_tracker = keras.metrics.Mean(name="survivor_fraction")
         self.agreement_tracker = keras.metrics.Mean(name="agreement")
@@ -189,15 +203,17 @@ class EnvironmentTrainStep:
         num_environments: int | None = None,
         method: str = "loop",
         nan_policy: str = "raise",
+        weight_decay: float = 0.0,
     ) -> None:
         """Validate and set the environment settings (call ``compile()`` again after a change)."""
         self.combiner = _check_environment_config(
-            combiner, environment_axis, num_environments, method, nan_policy
+            combiner, environment_axis, num_environments, method, nan_policy, weight_decay
         )
         self.environment_axis = environment_axis
         self.num_environments = num_environments
         self.method = method
         self.nan_policy = nan_policy
+        self.weight_decay = float(weight_decay)
         if num_environments is not None:
             self.supports_jit = False  # tf.dynamic_partition has data-dependent shapes
 
@@ -210,6 +226,7 @@ class EnvironmentTrainStep:
             "num_environments": self.num_environments,
             "method": self.method,
             "nan_policy": self.nan_policy,
+            "weight_decay": self.weight_decay,
         }
 
     def get_config(self) -> dict[str, Any]:
@@ -355,8 +372,12 @@ class EnvironmentTrainStep:
             x_all, y_all, sw_all = (_concat([p[k] for p in parts]) for k in range(3))
             y_pred = _concat(preds)
         combined = _finish(stats, self.combiner, variables)
+        grads = combined.gradients
+        if self.weight_decay:
+            share = self.weight_decay / replicas  # each replica's share: the optimizer sums them
+            grads = [None if g is None else g + tf.cast(share, g.dtype) * v for g, v in zip(grads, variables)]
         if variables:
-            self.optimizer.apply_gradients(zip(combined.gradients, variables))
+            self.optimizer.apply_gradients(zip(grads, variables))
         summary = combined.summary()
         self.survivor_fraction_tracker.update_state(summary.survivor_fraction)
         self.agreement_tracker.update_state(summary.agreement)
