@@ -128,7 +128,7 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument(
         "--seeds",
         help="a count (3 = seeds 0,1,2) or a comma-separated list (0,5,9); "
-        "default: 3 for spirals/consistency, 1 otherwise",
+        "default: 3 for spirals/consistency (1 for spirals --quick), 1 otherwise",
     )
     g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
     g.add_argument(
@@ -487,7 +487,10 @@ def _run(argv: Sequence[str]) -> int:
     experiment = args.experiment
     backend = _check_backend(experiment, args.backend)
     device = _check_device(backend, args.device)
-    seeds = _parse_seeds(args.seeds) if args.seeds is not None else tuple(range(EXPERIMENTS[experiment][2]))
+    if args.seeds is not None:
+        seeds = _parse_seeds(args.seeds)
+    else:
+        seeds = tuple(range(1 if args.quick and experiment != "consistency" else EXPERIMENTS[experiment][2]))
     if args.threads is not None and backend == "torch":
         import torch
 

@@ -182,7 +182,7 @@ class MemorizationSetting:
 #: ``default`` (the CLI's default, a few minutes on a CPU) and ``quick`` (seconds).
 PRESETS: dict[str, MemorizationSetting] = {
     "default": MemorizationSetting(),
-    "quick": MemorizationSetting(n_train=200, hidden_units=64, epochs=30, batch_size=25, eval_every=10),
+    "quick": MemorizationSetting(n_train=200, epochs=30, eval_every=10),
 }
 
 #: What changes for CIFAR-10 (the reference code's batch of 80 and learning rate 5e-4; a subset of
@@ -190,7 +190,7 @@ PRESETS: dict[str, MemorizationSetting] = {
 CIFAR10_CHANGES: dict[str, Any] = {"n_train": 5000, "batch_size": 80, "lr": 5e-4, "epochs": 30}
 
 #: The τ values of the quick preset (the full sweep is :data:`THRESHOLDS`).
-QUICK_THRESHOLDS: tuple[float, ...] = (0.0, 0.2, 0.6)
+QUICK_THRESHOLDS: tuple[float, ...] = (0.0, 0.2)
 
 #: Training label kinds: ``random`` (drawn uniformly, the memorisation test) and ``true``.
 LABELS: tuple[str, ...] = ("random", "true")
@@ -402,7 +402,10 @@ def run(
 
     notes = []
     if preset_name == "quick":
-        notes.append("quick preset: a smaller network, training set and τ sweep than the default")
+        notes.append(
+            "quick preset: fewer training examples and epochs and τ in {0, 0.2} only; the claims' "
+            "thresholds are stated for the default run, compare the ordering here"
+        )
     config = {
         "preset": preset_name,
         "dataset": data.name,
