@@ -229,3 +229,34 @@ def test_checkify_policy_reports_nan_inside_a_jitted_chunked_step():
     assert "grads['hidden']" in str(err.get()) and "contains NaN or Inf" in str(err.get())
     err, (_, grads) = step(init_params(), (x, y))
     assert err.get() is None and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_flax_linen_params_get_gradients_of_the_same_structure():
+    nn = pytest.importorskip("flax.linen")
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.relu(nn.Dense(H)(x)))[..., 0]
+
+    model = MLP()
+    x, y = make_batch()
+    params = model.init(jax.random.key(0), x[0])["params"]
+
+    def flax_loss(p, batch):
+        xb, yb = batch
+        logits = model.apply({"params": p}, xb)
+        return jnp.mean(jax.nn.softplus(logits) - yb * logits)
+
+    combiner = gradand.AndMask(threshold=0.5)
+    (_, _), grads = jax.jit(gj.value_and_grad(flax_loss, combiner))(params, (x, y))
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    per_env = [jax.grad(flax_loss)(params, (x[e], y[e])) for e in range(ENVS)]
+    stacked = jax.tree.map(lambda *g: np.stack([np.asarray(a) for a in g]), *per_env)
+    assert_tree_close(grads, jax.tree.map(lambda g: gradand.combine(g, combiner), stacked), rtol=1e-4)
+
+
+def test_non_array_parameter_leaf_is_rejected_with_advice():
+    params = {**init_params(), "activation": jax.nn.relu}
+    with pytest.raises(TypeError, match=r"args\[0\]\['activation'\] is a \w+, not an array"):
+        gj.value_and_grad(loss_fn, gradand.AndMask())(params, make_batch())

@@ -160,7 +160,14 @@ def _check_params(arg: Any, i: int) -> None:
     if not leaves:
         raise ValueError(f"args[{i}] (differentiated, argnums) has no array leaves: {arg!r}")
     for path, leaf in leaves:
-        dtype = jnp.result_type(leaf)
+        try:
+            dtype = jnp.result_type(leaf)
+        except TypeError:
+            raise TypeError(
+                f"args[{i}]{jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array, but "
+                f"args[{i}] is differentiated (argnums); split non-array leaves off first (equinox: "
+                f"params, static = eqx.partition(model, eqx.is_inexact_array))"
+            ) from None
         if not is_floating(dtype):
             raise TypeError(
                 f"args[{i}]{jax.tree_util.keystr(path)} has dtype {dtype}, but args[{i}] is "
@@ -192,7 +199,10 @@ def value_and_grad(
     returns ``((mean_loss, info), grads)``: the mean of the per-environment
     losses, a :class:`GradInfo`, and the combined gradient with the structure
     of ``params`` (any pytree: dicts, flax ``params``, equinox modules). It is
-    pure and jit-able; combine it with an optax optimizer as usual.
+    pure and jit-able; combine it with an optax optimizer as usual. Every
+    leaf of the differentiated argument must be a floating array: for an
+    equinox module, differentiate the ``eqx.partition(model, eqx.is_inexact_array)``
+    half and ``eqx.combine`` it with the static half inside ``loss_fn``.
 
     With ``gradand.Mean()`` the gradient is ``jax.grad`` of the mean loss;
     with ``gradand.AndMask(threshold)`` only the components on which a
