@@ -107,15 +107,13 @@ def main(argv: list[str] | None = None, strategy: tf.distribute.Strategy | None 
             optimizer = keras.optimizers.Adam(1e-2)
             optimizer.build(net.trainable_variables)  # create the slots under the scope, not inside the step
 
-        def env_loss(x, y):  # the environment's own mean loss (a keras.losses.Loss object would
-            # divide it by the number of replicas; gradand does the cross-replica bookkeeping itself)
-            return tf.reduce_mean(
-                keras.losses.binary_crossentropy(y, net(x, training=True), from_logits=True)
-            )
+        # Inside strategy.run a keras.losses.Loss divides each loss by the number of replicas
+        # (TensorFlow's convention); combined_gradients expects exactly that (see loss_scale).
+        bce = keras.losses.BinaryCrossentropy(from_logits=True)
 
         def replica_step(x, y):  # this replica's environments: (E / replicas, batch, ...)
             with tf.GradientTape(persistent=True) as tape:
-                losses = [env_loss(x[e], y[e]) for e in range(x.shape[0])]
+                losses = [bce(y[e], net(x[e], training=True)) for e in range(x.shape[0])]
             grads, _ = gtf.combined_gradients(tape, losses, net.trainable_variables, combiner)
             optimizer.apply_gradients(zip(grads, net.trainable_variables))
 

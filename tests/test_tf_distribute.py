@@ -69,19 +69,26 @@ def net():
 def gap(a, b):
     return max(float(np.abs(np.asarray(u) - np.asarray(v)).max()) for u, v in zip(a, b))
 
-# 2. A custom loop with SGD (scale-sensitive): mirrored == single == the numpy core.
-def custom_loop(strategy, steps):
+# 2. A custom loop with SGD (scale-sensitive): mirrored == single == the numpy core, with the
+#    losses of a keras.losses.Loss (divided by the replicas: the default loss_scale) or plain means.
+def custom_loop(strategy, steps, kind="loss_object"):
     with strategy.scope():
         model = net()
         opt = keras.optimizers.SGD(0.1)
         opt.build(model.trainable_variables)
+    bce = keras.losses.BinaryCrossentropy(from_logits=True)
     shapes = []
     def replica_step(xb, yb):
         with tf.GradientTape(persistent=True) as tape:
-            losses = [tf.reduce_mean(keras.losses.binary_crossentropy(yb[e], model(xb[e]), from_logits=True))
-                      for e in range(xb.shape[0])]
+            if kind == "loss_object":
+                losses = [bce(yb[e], model(xb[e])) for e in range(xb.shape[0])]
+            else:
+                losses = [tf.reduce_mean(keras.losses.binary_crossentropy(yb[e], model(xb[e]),
+                                                                          from_logits=True))
+                          for e in range(xb.shape[0])]
         shapes.append(int(xb.shape[0]))
-        grads, info = gtf.combined_gradients(tape, losses, model.trainable_variables, c)
+        scale = None if kind == "loss_object" else 1.0
+        grads, info = gtf.combined_gradients(tape, losses, model.trainable_variables, c, loss_scale=scale)
         opt.apply_gradients(zip(grads, model.trainable_variables))
     step = tf.function(lambda batch: strategy.run(replica_step, args=batch))
     for batch in strategy.experimental_distribute_dataset(batches.take(steps)):
@@ -89,6 +96,7 @@ def custom_loop(strategy, steps):
     return model.trainable_variables, shapes
 
 mirrored, shapes = custom_loop(strategy, 3)
+mirrored_means, _ = custom_loop(strategy, 3, kind="mean")
 single, _ = custom_loop(tf.distribute.get_strategy(), 3)
 first, _ = custom_loop(tf.distribute.get_strategy(), 1)
 ref_net = net()
@@ -98,6 +106,7 @@ with tf.GradientTape(persistent=True) as tape:
 oracle = [v.numpy() - 0.1 * gradand.combine(np.stack([tape.gradient(l, v).numpy() for l in losses]), c)
           for v in ref_net.trainable_variables]
 report["custom_loop"] = {"environments_per_replica": shapes, "gap": gap(mirrored, single),
+                         "gap_plain_means": gap(mirrored_means, single),
                          "first_step_vs_numpy": gap(first, oracle)}
 
 # 3. Keras fit with SGD and weight decay: mirrored == single.
@@ -154,7 +163,8 @@ def test_all_reduced_statistics_count_every_replicas_environments_and_finalize_t
 def test_mirrored_custom_loop_applies_the_single_replica_update(report):
     r = report["custom_loop"]
     assert set(r["environments_per_replica"]) == {2}  # each replica holds half of the 4 environments
-    assert r["gap"] < 1e-5
+    assert r["gap"] < 1e-5  # keras.losses.Loss objects: divided by the replicas, the default loss_scale
+    assert r["gap_plain_means"] < 1e-5  # plain per-environment means with loss_scale=1.0
     assert r["first_step_vs_numpy"] < 1e-5
 
 

@@ -172,6 +172,27 @@ def test_embedding_gradients_given_as_indexed_slices_are_combined_densely():
     np.testing.assert_allclose(grads[0].numpy(), [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
 
 
+@pytest.mark.parametrize("method", ["loop", "vectorized"])
+def test_loss_scale_undoes_a_scaling_of_the_losses_before_combining(method):
+    x, y = _data(4)
+    net = _net(4)
+    c = gradand.SandMask(0.3, k=10.0)  # not scale-equivariant: the scale must be undone exactly
+    with tf.GradientTape(persistent=True) as tape:
+        losses = [0.25 * loss for loss in _env_losses(net, x, y)]
+    grads, _ = gtf.combined_gradients(
+        tape, losses, net.trainable_variables, c, method=method, loss_scale=0.25
+    )
+    _close(grads, _oracle(net, x, y, c))
+    stats = gtf.vectorized_statistics(
+        lambda x_e, y_e: 0.25 * _env_losses(net, x_e[None], y_e[None])[0],
+        net.trainable_variables,
+        (tf.constant(x), tf.constant(y)),
+        c,
+        loss_scale=0.25,
+    )
+    _close(gtf.finalize_gradients(stats, c).gradients, _oracle(net, x, y, c))
+
+
 def test_summary_weights_each_variable_by_its_size():
     info = [
         gradand.MaskInfo(tf.constant(1.0), tf.constant(1.0)),
@@ -249,6 +270,8 @@ def test_bad_arguments_get_a_clear_error():
         gtf.combined_gradients(tape, losses, [w], "and_mask")
     with pytest.raises(ValueError, match=r"nan_policy must be one of"):
         gtf.combined_gradients(tape, losses, [w], gradand.AndMask(), nan_policy="ignore")
+    with pytest.raises(ValueError, match=r"loss_scale must be a finite number > 0 \(or None\); got 0"):
+        gtf.combined_gradients(tape, losses, [w], gradand.AndMask(), loss_scale=0)
 
 
 def test_nan_gradients_raise_eagerly_and_in_graph_mode_and_can_be_zeroed():

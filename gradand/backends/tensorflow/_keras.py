@@ -404,7 +404,13 @@ class EnvironmentTrainStep:
             return s, (loss, y_pred_e)
 
         stats, (losses, y_pred) = vectorized_statistics(
-            env_loss, variables, elems, self.combiner, nan_policy=self.nan_policy, has_aux=True
+            env_loss,
+            variables,
+            elems,
+            self.combiner,
+            nan_policy=self.nan_policy,
+            has_aux=True,
+            loss_scale=1.0,
         )
         merge = lambda t: tf.nest.map_structure(_merge_leading, t) if t is not None else None  # noqa: E731
         return stats, merge(x), merge(y), merge(sample_weight), merge(y_pred), losses
