@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import sys
 import time
@@ -36,9 +37,9 @@ FRAMEWORKS: dict[str, tuple[str | None, str]] = {
 
 #: Experiment → (backends it runs on, default backend, default number of seeds).
 EXPERIMENTS: dict[str, tuple[tuple[str, ...], str, int]] = {
-    "patchwork": (("numpy", "torch"), "numpy", 1),
-    "spirals": (("torch",), "torch", 3),
-    "memorization": (("torch",), "torch", 1),
+    "patchwork": (("numpy", "torch", "jax", "tensorflow"), "numpy", 1),
+    "spirals": (("torch", "jax", "tensorflow"), "torch", 3),
+    "memorization": (("torch", "jax", "tensorflow"), "torch", 1),
     "consistency": (("numpy",), "numpy", 3),
 }
 
@@ -141,7 +142,8 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument(
         "--threads",
         type=_positive_int("--threads"),
-        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
+        help="CPU threads for torch or tensorflow (default: the framework's choice; 1 is faster on a "
+        "busy machine)",
     )
     return common
 
@@ -248,9 +250,14 @@ def _check_backend(experiment: str, backend: str | None) -> str:
 
 
 def _check_device(backend: str, device: str) -> str:
-    if backend == "torch":
-        from gradand.experiments.torch_training import resolve_device
-
+    if backend != "numpy":
+        if backend == "torch":
+            from gradand.experiments.torch_training import resolve_device
+        elif backend == "jax":
+            from gradand.experiments.jax_training import resolve_device
+        else:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+            from gradand.experiments.tf_training import resolve_device
         try:
             resolve_device(device)
         except ValueError as e:
@@ -385,6 +392,10 @@ def _memorization(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]
     name = "quick" if args.quick else "default"
     setting = mem.PRESETS[name]
     if args.dataset == "cifar10":
+        if backend != "torch":
+            raise CLIError(
+                f"--dataset cifar10 trains a CNN with --backend torch only; got --backend {backend}"
+            )
         if not args.data_dir:
             raise CLIError("--dataset cifar10 needs --data-dir DIR (the cifar-10-batches-py directory)")
         setting = dataclasses.replace(setting, **mem.CIFAR10_CHANGES)
@@ -491,10 +502,8 @@ def _run(argv: Sequence[str]) -> int:
         seeds = _parse_seeds(args.seeds)
     else:
         seeds = tuple(range(1 if args.quick and experiment != "consistency" else EXPERIMENTS[experiment][2]))
-    if args.threads is not None and backend == "torch":
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        _set_threads(backend, args.threads)
     from gradand.experiments._report import have_matplotlib, save_figure, write_json_atomic
 
     # Everything is validated before any training: arguments (by the handler), the output
@@ -533,6 +542,26 @@ def _run(argv: Sequence[str]) -> int:
         raise CLIError(f"could not write {str(png_path)!r}: {e}") from None
     print(f"plot:   {png_path}")
     return 0
+
+
+def _set_threads(backend: str, n: int) -> None:
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(n)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(n)
+        except RuntimeError:  # already initialised (in-process reuse)
+            pass
+    elif backend == "jax" and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}"
+        )
 
 
 def _threads(backend: str) -> int | None:

@@ -244,8 +244,101 @@ def _train_torch(
     )
 
 
+def _train_jax(
+    data: Dataset,
+    train_y: np.ndarray,
+    setting: MemorizationSetting,
+    threshold: float,
+    *,
+    seed: int,
+    device: str,
+    show_progress: bool,
+    desc: str,
+) -> dict[str, Any]:
+    from gradand._combiners import AndMask, Mean
+    from gradand.experiments.jax_training import MLPSpec, train_classifier
+
+    if data.train_x.ndim != 2:
+        raise ValueError(
+            "the JAX backend trains the MLP on flat inputs (digits); use --backend torch for CIFAR-10"
+        )
+    model = MLPSpec(
+        in_features=data.train_x.shape[1],
+        out_features=data.n_classes,
+        hidden_units=setting.hidden_units,
+        hidden_layers=setting.hidden_layers,
+        activation="relu",
+    )
+    combiner = Mean() if threshold == 0 else AndMask(threshold=threshold, rescale=True)
+    return train_classifier(
+        model,
+        train_x=data.train_x[:, None],
+        train_y=train_y[:, None],
+        eval_sets={"train": (data.train_x, train_y), "test": (data.test_x, data.test_y)},
+        combiner=combiner,
+        loss="ce",
+        epochs=setting.epochs,
+        batch_size=1,
+        envs_per_step=setting.batch_size,
+        lr=setting.lr,
+        weight_decay=setting.weight_decay,
+        eval_every=setting.eval_every,
+        seed=seed,
+        device=device,
+        show_progress=show_progress,
+        desc=desc,
+    )
+
+
+def _train_tensorflow(
+    data: Dataset,
+    train_y: np.ndarray,
+    setting: MemorizationSetting,
+    threshold: float,
+    *,
+    seed: int,
+    device: str,
+    show_progress: bool,
+    desc: str,
+) -> dict[str, Any]:
+    from gradand._combiners import AndMask, Mean
+    from gradand.experiments.tf_training import build_mlp, train_classifier
+
+    if data.train_x.ndim != 2:
+        raise ValueError(
+            "the TensorFlow backend trains the MLP on flat inputs (digits); use --backend torch for CIFAR-10"
+        )
+    model = build_mlp(
+        data.train_x.shape[1],
+        data.n_classes,
+        hidden_units=setting.hidden_units,
+        hidden_layers=setting.hidden_layers,
+        activation="relu",
+        seed=seed,
+    )
+    combiner = Mean() if threshold == 0 else AndMask(threshold=threshold, rescale=True)
+    return train_classifier(
+        model,
+        train_x=data.train_x[:, None],
+        train_y=train_y[:, None],
+        eval_sets={"train": (data.train_x, train_y), "test": (data.test_x, data.test_y)},
+        combiner=combiner,
+        loss="ce",
+        epochs=setting.epochs,
+        batch_size=1,
+        envs_per_step=setting.batch_size,
+        lr=setting.lr,
+        weight_decay=setting.weight_decay,
+        eval_every=setting.eval_every,
+        seed=seed,
+        device=device,
+        show_progress=show_progress,
+        desc=desc,
+    )
+
+
 #: Backends that can train this experiment, and their training function.
-TRAINERS = {"torch": _train_torch}
+TRAINERS = {"torch": _train_torch, "jax": _train_jax, "tensorflow": _train_tensorflow}
 
 
 def run(

@@ -124,7 +124,18 @@ def _trainer(backend: str, device: str) -> Any:
         from gradand.experiments.torch_training import train_patchwork
 
         return lambda combiner, **kw: train_patchwork(combiner, device=device, **kw)
-    raise ValueError(f"backend {backend!r} is not supported for the patchwork experiment; use numpy or torch")
+    if backend == "jax":
+        from gradand.experiments.jax_training import train_patchwork as train_jax
+
+        return lambda combiner, **kw: train_jax(combiner, device=device, **kw)
+    if backend == "tensorflow":
+        from gradand.experiments.tf_training import train_patchwork as train_tf
+
+        return lambda combiner, **kw: train_tf(combiner, device=device, **kw)
+    raise ValueError(
+        f"backend {backend!r} is not supported for the patchwork experiment; "
+        f"use numpy, torch, jax or tensorflow"
+    )
 
 
 def reproduce(

@@ -357,8 +357,101 @@ def _train_torch(
     )
 
 
+def _train_jax(
+    data: SpiralsData,
+    train: TrainSetting,
+    spec: dict[str, Any],
+    *,
+    seed: int,
+    device: str,
+    show_progress: bool,
+    desc: str,
+) -> dict[str, Any]:
+    from gradand.experiments.jax_training import MLPSpec, train_classifier
+
+    d = data.train_x.shape[-1]
+    model = MLPSpec(
+        in_features=d,
+        out_features=1,
+        hidden_units=train.hidden_units,
+        hidden_layers=train.hidden_layers,
+        dropout=spec["dropout"],
+        batch_norm=spec["batch_norm"],
+    )
+    return train_classifier(
+        model,
+        train_x=data.train_x,
+        train_y=data.train_y,
+        eval_sets={
+            "train": (data.train_x.reshape(-1, d), data.train_y.reshape(-1)),
+            "test": (data.test_x, data.test_y),
+        },
+        combiner=combiner_from(spec["combiner"]),
+        loss="bce",
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        weight_decay=spec["weight_decay"],
+        l1=spec["l1"],
+        lr_milestone=train.lr_milestone,
+        lr_decay=train.lr_decay,
+        eval_every=train.eval_every,
+        seed=seed,
+        device=device,
+        show_progress=show_progress,
+        desc=desc,
+    )
+
+
+def _train_tensorflow(
+    data: SpiralsData,
+    train: TrainSetting,
+    spec: dict[str, Any],
+    *,
+    seed: int,
+    device: str,
+    show_progress: bool,
+    desc: str,
+) -> dict[str, Any]:
+    from gradand.experiments.tf_training import build_mlp, train_classifier
+
+    d = data.train_x.shape[-1]
+    model = build_mlp(
+        d,
+        1,
+        hidden_units=train.hidden_units,
+        hidden_layers=train.hidden_layers,
+        dropout=spec["dropout"],
+        batch_norm=spec["batch_norm"],
+        seed=seed,
+    )
+    return train_classifier(
+        model,
+        train_x=data.train_x,
+        train_y=data.train_y,
+        eval_sets={
+            "train": (data.train_x.reshape(-1, d), data.train_y.reshape(-1)),
+            "test": (data.test_x, data.test_y),
+        },
+        combiner=combiner_from(spec["combiner"]),
+        loss="bce",
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        weight_decay=spec["weight_decay"],
+        l1=spec["l1"],
+        lr_milestone=train.lr_milestone,
+        lr_decay=train.lr_decay,
+        eval_every=train.eval_every,
+        seed=seed,
+        device=device,
+        show_progress=show_progress,
+        desc=desc,
+    )
+
+
 #: Backends that can train the spirals task, and their training function.
-TRAINERS = {"torch": _train_torch}
+TRAINERS = {"torch": _train_torch, "jax": _train_jax, "tensorflow": _train_tensorflow}
 
 
 def run(
