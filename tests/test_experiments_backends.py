@@ -14,11 +14,7 @@ import pytest
 import gradand
 from gradand.experiments import patchwork
 
-COMBINERS = [
-    gradand.AndMask(threshold=1.0),
-    gradand.AndMask(threshold=0.5),
-    gradand.GeometricMean(threshold=1.0),
-]
+COMBINERS = [gradand.AndMask(threshold=0.5), gradand.GeometricMean(threshold=1.0)]
 
 
 def _data(seed=0, envs=4, n=8):
