@@ -66,3 +66,16 @@ def test_cifar10_loader_names_the_missing_files(tmp_path):
     (root / "test_batch").unlink()
     with pytest.raises(FileNotFoundError, match="missing test_batch"):
         load_cifar10(root)
+
+
+def test_class_level_ceiling_is_what_learning_classes_without_memorising_reaches():
+    from gradand.experiments.memorization import class_level_ceiling
+
+    true = np.repeat(np.arange(10), 50)
+    rnd = randomize_labels(true, 10, seed=0)
+    ceiling = class_level_ceiling(true, rnd, 10)
+    assert 0.1 < ceiling < 0.3  # above chance by a finite-sample fluctuation, far from memorisation
+    assert class_level_ceiling(true, true, 10) == 1.0
+    # a predictor that outputs, per true class, the most frequent random label reaches it exactly
+    best = np.array([np.bincount(rnd[true == c], minlength=10).argmax() for c in range(10)])
+    assert np.mean(best[true] == rnd) == pytest.approx(ceiling)

@@ -30,6 +30,7 @@ __all__ = [
     "THRESHOLDS",
     "Dataset",
     "MemorizationSetting",
+    "class_level_ceiling",
     "load_cifar10",
     "load_digits",
     "randomize_labels",
@@ -141,6 +142,25 @@ def load_cifar10(path: str | Path, *, n_train: int | None = None, seed: int = 0)
     std = train_f.std(axis=(0, 2, 3), keepdims=True)
     test_f = test_x.astype(np.float32) / 255.0
     return Dataset((train_f - mean) / std, train_y, (test_f - mean) / std, test_y, 10, "cifar10")
+
+
+def class_level_ceiling(true_labels: np.ndarray, random_labels: np.ndarray, n_classes: int) -> float:
+    """Training accuracy on random labels of the best map *true class → random label*.
+
+    What a model can reach on random labels by learning the images' classes
+    rather than memorising individual examples: with finitely many examples
+    per class, some random label is, by chance, the most frequent one in each
+    class. Above this, a model is memorising.
+
+    Example:
+        >>> import numpy as np
+        >>> from gradand.experiments.memorization import class_level_ceiling
+        >>> class_level_ceiling(np.array([0, 0, 0, 1, 1]), np.array([2, 2, 1, 0, 1]), 3)
+        0.6
+    """
+    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(true_labels), np.asarray(random_labels)), 1)
+    return float(counts.max(axis=1).sum() / max(len(true_labels), 1))
 
 
 def randomize_labels(labels: np.ndarray, n_classes: int, *, seed: int) -> np.ndarray:
@@ -387,7 +407,8 @@ def run(
     if bad or not labels:
         raise ValueError(f"labels must be a non-empty subset of {LABELS}; got {list(labels)}")
     trainer = TRAINERS[backend]
-    results: dict[str, dict[str, dict[str, Any]]] = {lab: {} for lab in labels}
+    results: dict[str, Any] = {lab: {} for lab in labels}
+    ceilings = []
     for lab in labels:
         for t in thresholds:
             results[lab][str(float(t))] = {
@@ -400,6 +421,7 @@ def run(
         for lab in labels:
             if lab == "random":
                 train_y = randomize_labels(data.train_y, data.n_classes, seed=seed)
+                ceilings.append(class_level_ceiling(data.train_y, train_y, data.n_classes))
             else:
                 train_y = data.train_y
             for t in thresholds:
@@ -439,6 +461,14 @@ def run(
                 ]
             )
     table = format_table(["labels", "τ", "combiner", "train acc", "test acc", "grad kept"], rows)
+    notes = []
+    if ceilings:
+        results["random_label_class_ceiling"] = ceilings
+        notes.append(
+            f"random labels: mapping each true class to its most frequent random label (learning the "
+            f"classes, memorising nothing) gives train accuracy {np.mean(ceilings):.3f}; above that a "
+            f"model memorises individual examples"
+        )
 
     chance = 1.0 / data.n_classes
     checks = []
@@ -493,7 +523,6 @@ def run(
         fig.tight_layout()
         return fig
 
-    notes = []
     if preset_name == "quick":
         notes.append(
             "quick preset: fewer training examples and epochs and τ in {0, 0.2} only; the claims' "
