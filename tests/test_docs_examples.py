@@ -9,7 +9,9 @@ For each page under ``docs/`` (and the README):
   the command line's parser (nothing is installed or trained);
 - a ```` ```text ```` block preceded by ``<!-- output-of: gradand ARGS -->`` must
   match what that command prints (as a doctest output: ``...`` for text that
-  varies, such as timings; whitespace normalised).
+  varies, such as timings; whitespace normalised). A slow command's output is
+  shown as ``<!-- recorded: gradand ARGS (where and when) -->``: the command
+  must still be valid.
 
 A page whose blocks import a framework that is not installed is skipped with
 the reason. A block preceded by ``<!-- skip: reason -->`` is not run (rare:
@@ -48,7 +50,7 @@ _FENCE = re.compile(
     r"^(?P<indent>[ \t]*)(?P<ticks>`{3,})(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)(?P=ticks)[ \t]*$",
     re.MULTILINE | re.DOTALL,
 )
-_DIRECTIVE = re.compile(r"<!--\s*(?P<key>skip|output-of)\s*:\s*(?P<value>.*?)\s*-->\s*\Z", re.DOTALL)
+_DIRECTIVE = re.compile(r"<!--\s*(?P<key>skip|output-of|recorded)\s*:\s*(?P<value>.*?)\s*-->\s*\Z", re.DOTALL)
 _SUBPROCESS = "<!-- docs-test: subprocess -->"
 
 #: import name -> module that must be installed for a page that imports it.
@@ -78,6 +80,7 @@ class Block:
     code: str
     skip: str | None = None
     output_of: str | None = None
+    recorded: str | None = None
 
     @property
     def where(self) -> str:
@@ -94,14 +97,17 @@ def blocks_of(path: Path) -> list[Block]:
         body = textwrap.dedent(m.group("body"))
         before = text[: m.start()].rstrip()
         directive = _DIRECTIVE.search(before[-300:]) if before.endswith("-->") else None
-        skip = output_of = None
+        skip = output_of = recorded = None
         if directive:
-            if directive.group("key") == "skip":
-                skip = directive.group("value") or "no reason given"
+            key, value = directive.group("key"), directive.group("value")
+            if key == "skip":
+                skip = value or "no reason given"
+            elif key == "output-of":
+                output_of = value
             else:
-                output_of = directive.group("value")
+                recorded = value
         line = text.count("\n", 0, m.start()) + 1
-        out.append(Block(page, line, language, body, skip, output_of))
+        out.append(Block(page, line, language, body, skip, output_of, recorded))
     return out
 
 
@@ -177,6 +183,14 @@ def check_bash(block: Block) -> None:
             ) from None
 
 
+def check_recorded(block: Block) -> None:
+    """A recorded output names the command that produced it; the command must still parse."""
+    command = block.recorded.split("(")[0].strip()
+    assert command.startswith("gradand "), f"{block.where}: recorded must name a gradand command"
+    assert block.code.strip(), f"{block.where}: a recorded output is empty"
+    check_bash(Block(block.page, block.line, "bash", command))
+
+
 def command_output(argv: list[str]) -> str:
     from gradand.cli import main
 
@@ -244,6 +258,8 @@ def _run_blocks(blocks: list[Block], namespace: dict) -> int:
                 check_bash(block)
             elif block.language == "text" and block.output_of:
                 check_output(block)
+            elif block.language == "text" and block.recorded:
+                check_recorded(block)
             else:
                 continue
         except AssertionError as exc:
@@ -304,10 +320,14 @@ def test_every_docs_code_block_is_executed_checked_or_explicitly_skipped() -> No
     ]
     assert not unknown, f"code blocks in a language the docs test neither runs nor checks: {unknown}"
     unchecked_text = [
-        b.where for p in doc_pages() for b in blocks_of(p) if b.language == "text" and not b.output_of
+        b.where
+        for p in doc_pages()
+        for b in blocks_of(p)
+        if b.language == "text" and not (b.output_of or b.recorded)
     ]
     assert not unchecked_text, (
-        f"text blocks must show a command's output (<!-- output-of: gradand ... -->): {unchecked_text}"
+        f"text blocks must show a command's output (<!-- output-of: gradand ... --> or "
+        f"<!-- recorded: gradand ... (where, when) -->): {unchecked_text}"
     )
 
 
@@ -326,8 +346,9 @@ def test_skip_markers_are_rare_and_give_a_reason() -> None:
         "```pycon\n>>> 1 + 1\n3\n\n```\n",
         "<!-- output-of: gradand reproduce patchwork -->\n```text\nnot what it prints\n```\n",
         "```bash\ngradand reproduce no-such-experiment\n```\n",
+        "<!-- recorded: gradand reproduce no-such-experiment (here) -->\n```text\nold output\n```\n",
     ],
-    ids=["raising python", "wrong pycon output", "stale command output", "unknown command"],
+    ids=["raising python", "wrong pycon output", "stale command output", "unknown command", "bad recording"],
 )
 def test_a_broken_example_fails_its_page(page: str, tmp_path: Path) -> None:
     path = tmp_path / "broken.md"
@@ -370,7 +391,12 @@ def test_readme_patchwork_table_matches_the_experiment() -> None:
             assert round(result.heldout_loss, 3) == pytest.approx(float(held_out), abs=1e-9), (method, n_envs)
 
 
-def test_figure_script_draws_every_figure_the_pages_use(tmp_path: Path) -> None:
+def test_figure_script_draws_the_committed_figures(tmp_path: Path) -> None:
+    """docs/figures/make_figures.py runs and draws every figure committed next to it.
+
+    (Missing images fail the strict site build; figures under docs/figures/results
+    are copies of the plots that `gradand reproduce ...` writes.)
+    """
     pytest.importorskip("matplotlib")
     script = DOCS / "figures" / "make_figures.py"
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
@@ -380,13 +406,6 @@ def test_figure_script_draws_every_figure_the_pages_use(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     drawn = {p.name for p in tmp_path.glob("*.png")}
     committed = {p.name for p in (DOCS / "figures").glob("*.png")}
-    used = {
-        Path(m).name
-        for p in doc_pages()
-        for m in re.findall(r"\]\(([^)]*figures/[^)]+\.png)\)", p.read_text(encoding="utf-8"))
-    }
-    generated_elsewhere = {n for n in used if not n.startswith(tuple(Path(d).stem for d in drawn))}
-    assert used - generated_elsewhere <= drawn, f"pages use figures the script does not draw: {used - drawn}"
-    assert drawn <= committed, f"figures drawn but not committed under docs/figures: {drawn - committed}"
+    assert drawn == committed, f"drawn {sorted(drawn)} but committed {sorted(committed)}"
     for name in drawn:
         assert (tmp_path / name).stat().st_size > 10_000, f"{name} looks empty"
