@@ -7,8 +7,19 @@ environment. At test time the shortcut dimensions are noise. Averaging
 gradients (the logical OR) learns the shortcuts; the AND-mask keeps only the
 directions all environments agree on, which is the spiral.
 
-Run: python examples/jax_spirals.py            (a few minutes on a 2-core CPU)
+Run: python examples/jax_spirals.py            (about 2 CPU-minutes)
      python examples/jax_spirals.py --quick    (a few seconds, a smoke test)
+
+Output on a 2-core CPU (jax 0.10.2, seed 0):
+
+    16 environments x 256 examples, MLP 3x256, 800 steps
+    combiner                           train acc  test acc    kept    time
+    Mean() (plain averaging)               1.000     0.514   1.000  179.3s
+    AndMask(threshold=1.0)                 0.986     1.000   0.029  179.6s
+
+(times measured on a shared, busy machine). Averaging fits every
+environment's shortcut and is at chance on the test set; the AND-mask
+learns the spirals.
 """
 
 from __future__ import annotations

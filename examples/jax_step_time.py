@@ -12,6 +12,21 @@ so a busy machine slows them alike.
 - temporal:         gj.temporal_and_mask (paper Algorithm 1) on the plain gradient
 
 Run: python examples/jax_step_time.py [--rounds 15 --steps 10]
+
+Measured under load (a shared 2-core CPU, load average ~8; jax 0.10.2):
+
+    variant             ms/step  vs plain
+    plain                104.98     1.00x
+    Mean (gradand)       167.92     1.60x
+    AndMask              209.98     2.00x
+    AndMask chunk=4      180.02     1.71x
+    temporal             103.10     0.98x
+
+The AND-mask needs each environment's gradient: the vmapped per-environment
+backward pass (about 1.5-1.6x a plain step here) plus the sign statistics
+over 16 x P values. A hand-written jnp mask on the same vmapped gradients
+costs the same, so the library adds no overhead of its own. The temporal
+AND-mask costs what Adam costs.
 """
 
 from __future__ import annotations
