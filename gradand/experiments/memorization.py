@@ -506,8 +506,10 @@ def run(
         )
 
     def draw(plt: Any) -> Any:
-        fig, axes = plt.subplots(1, len(labels), figsize=(6 * len(labels), 4.2), squeeze=False)
-        for ax, lab in zip(axes[0], labels):
+        fig, axes = plt.subplots(2, len(labels), figsize=(6 * len(labels), 8), squeeze=False)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for col, lab in enumerate(labels):
+            ax, curves_ax = axes[0, col], axes[1, col]
             keys = list(results[lab])
             ts = [float(k) for k in keys]
             for key, style in (("train", "o-"), ("test", "s--")):
@@ -515,11 +517,28 @@ def run(
                 stds = [results[lab][k][f"{key}_std"] for k in keys]
                 ax.errorbar(ts, means, yerr=stds, fmt=style, capsize=3, label=f"{key} accuracy")
             ax.axhline(chance, color="gray", lw=0.8, ls="--", label="chance")
+            if lab == "random" and ceilings:
+                ax.axhline(
+                    float(np.mean(ceilings)), color="gray", lw=0.8, ls=":", label="class-level ceiling"
+                )
             ax.set_xlabel("AND-mask threshold τ (0 = plain averaging)")
             ax.set_ylabel("final accuracy")
             ax.set_ylim(0, 1.05)
             ax.set_title(f"{data.name}: {lab} training labels, one environment per example", fontsize=10)
             ax.legend(fontsize=8)
+            for i, k in enumerate(keys):
+                runs = results[lab][k]["curves"]
+                epochs = runs[0]["epoch"]
+                c = colors[i % len(colors)]
+                curves_ax.plot(
+                    epochs, np.mean([r["train"] for r in runs], axis=0), "-", color=c, label=f"τ={k}"
+                )
+                curves_ax.plot(epochs, np.mean([r["test"] for r in runs], axis=0), "--", color=c)
+            curves_ax.axhline(chance, color="gray", lw=0.8, ls="--")
+            curves_ax.set_xlabel("epoch")
+            curves_ax.set_ylabel("accuracy (solid: train, dashed: test)")
+            curves_ax.set_ylim(0, 1.05)
+            curves_ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         return fig
 
