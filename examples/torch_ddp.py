@@ -66,6 +66,7 @@ for step in range(100):
 sums = checksum(model)
 if rank == 0:
     print(f"[DDP hook] parameter checksums per rank: {sums}")
+del ddp, optimizer  # destroy DDP while its process group is alive
 
 # Part 2: several environments per rank, reduced locally, then all-reduced (no DDP averaging).
 per_rank = 4

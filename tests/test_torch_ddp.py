@@ -75,6 +75,7 @@ def worker(rank: int, port: int, outdir: str) -> None:
                 float(i.survivor_fraction) for i in state.mask_infos(model.parameters())
             ]
             opt.step()
+        del ddp, opt  # destroy DDP while its process group is alive
     # 2. Several environments per rank, reduced locally first, then all-reduced.
     xs, ys = make_data(WORLD * ENVS_PER_RANK)
     mine = slice(rank * ENVS_PER_RANK, (rank + 1) * ENVS_PER_RANK)

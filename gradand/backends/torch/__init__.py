@@ -23,6 +23,20 @@ Two or three lines change in the loop you already have::
 Everything here converts gradients to the core's arrays and back; the math of
 every combiner lives in :mod:`gradand` once.
 
+Mixed precision: statistics are summed in float32 for float16/bfloat16
+gradients and the update comes back in the parameter's dtype. With a
+``torch.amp.GradScaler``, pass ``grad_scaler=scaler`` (and the scaled losses):
+gradients are unscaled before they are combined (``SandMask`` and
+``GeometricMean`` are not scale-equivariant) and ``scaler.step`` works as usual.
+
+``torch.compile``: the combine step (the core's ``statistics``/``finalize``/
+``combine`` on torch tensors, e.g. after ``torch.func.vmap(torch.func.grad(...))``)
+compiles with ``fullgraph=True`` when ``nan_policy`` is ``"zero"`` or
+``"propagate"`` (``"raise"`` reads values on the host: a graph break); pass
+``xp=gradand.array_namespace(torch.empty(0))`` to skip the namespace lookup.
+``torch.compile(vmap_backward)`` and :func:`backward` work with graph breaks
+(Python loops over environments, writes to ``.grad``).
+
 Example:
     >>> import torch, gradand
     >>> from gradand.backends import torch as gt

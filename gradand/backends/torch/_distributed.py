@@ -192,9 +192,18 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     (on the plain module, or inside ``ddp.no_sync()``).
 
     Example:
+        >>> import torch, torch.distributed as dist, gradand
         >>> from gradand.backends import torch as gt
-        >>> callable(gt.comm_hook)
-        True
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ddp = torch.nn.parallel.DistributedDataParallel(model)
+        >>> state = gt.CommHookState(gradand.AndMask(threshold=1.0))
+        >>> ddp.register_comm_hook(state, gt.comm_hook)
+        >>> ddp(torch.tensor([[1.0, -2.0]])).sum().backward()  # this rank's environment
+        >>> model.weight.grad
+        tensor([[ 1., -2.]])
+        >>> del ddp  # destroy DDP before its process group
+        >>> dist.destroy_process_group()
     """
     combiner = state.combiner
     grads = bucket.gradients()
@@ -242,16 +251,25 @@ def register_comm_hook(
     """Make ``ddp`` combine the ranks' gradients with ``combiner`` instead of averaging.
 
     Each rank's gradient (of its own loss) is one environment; see
-    :func:`comm_hook`. Returns the hook's state, whose
-    :meth:`CommHookState.mask_infos` gives the last step's infos.
+    :func:`comm_hook`. ``group`` defaults to the group that ``ddp`` reduces
+    over. Returns the hook's state, whose :meth:`CommHookState.mask_infos`
+    gives the last step's infos.
 
     Example:
-        >>> import gradand
+        >>> import torch, torch.distributed as dist, gradand
         >>> from gradand.backends import torch as gt
-        >>> # ddp = torch.nn.parallel.DistributedDataParallel(model)
-        >>> # hook = gt.register_comm_hook(ddp, gradand.AndMask(threshold=1.0))
-        >>> # loss.backward(); optimizer.step()  # .grad holds the AND-masked update
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ddp = torch.nn.parallel.DistributedDataParallel(model)
+        >>> hook = gt.register_comm_hook(ddp, gradand.AndMask(threshold=1.0))
+        >>> ddp(torch.ones(3, 2)).mean().backward()  # .grad: the AND-mask over the ranks
+        >>> [float(i.survivor_fraction) for i in hook.mask_infos(model.parameters())]
+        [1.0, 1.0]
+        >>> del ddp  # destroy DDP before its process group
+        >>> dist.destroy_process_group()
     """
+    if group is None:
+        group = getattr(ddp, "process_group", None)  # the group DDP itself reduces over
     state = CommHookState(combiner, group=group, nan_policy=nan_policy)
     ddp.register_comm_hook(state, comm_hook)
     return state

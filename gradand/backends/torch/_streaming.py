@@ -47,10 +47,12 @@ def backward(
     accumulation, ``optimizer.zero_grad()`` and ``optimizer.step()`` work as
     with ``loss.backward()``.
 
-    The losses may share one graph (one forward pass over a batch holding
-    every environment; the graph is kept until the last environment) or come
-    from separate forward passes (one per environment: less memory, and each
-    backward only walks that environment's part).
+    The losses may come from separate forward passes, one per environment
+    (recommended: each backward walks only that environment's part), or
+    share one graph (one forward pass over a batch holding every
+    environment): the graph is then kept until the last environment and
+    each of the E backward passes walks the whole batch, about E times the
+    cost of one ``loss.backward()``.
 
     An environment whose loss does not depend on a parameter gives it a zero
     gradient: no sign vote, but it counts in the number of environments. A
