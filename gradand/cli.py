@@ -338,6 +338,8 @@ def _spirals(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -> 
     if overrides.get("examples_per_env", 2) < 2 or overrides.get("n_test", 2) < 2:
         raise CLIError("--examples-per-env and --n-test must be >= 2")
     data = dataclasses.replace(data, **overrides)
+    # the generator validates its parameters: try them on a tiny version before any training
+    dataclasses.replace(data, examples_per_env=2, n_test=2).make(0)
     train_changes: dict[str, Any] = {}
     if args.threshold is not None:
         train_changes["threshold"] = _parse_threshold(args.threshold, "--threshold")
@@ -401,6 +403,11 @@ def _memorization(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]
         setting = dataclasses.replace(setting, **mem.CIFAR10_CHANGES)
     changes = {k: v for k, v in {"n_train": args.n_train, "epochs": args.epochs}.items() if v is not None}
     setting = dataclasses.replace(setting, **changes)
+    if setting.n_train < setting.batch_size:
+        raise CLIError(
+            f"--n-train {setting.n_train} is smaller than one batch ({setting.batch_size} examples, each its "
+            f"own environment); use --n-train >= {setting.batch_size}"
+        )
     try:
         if args.dataset == "cifar10":
             data = mem.load_cifar10(args.data_dir, n_train=setting.n_train)
@@ -508,7 +515,10 @@ def _run(argv: Sequence[str]) -> int:
 
     # Everything is validated before any training: arguments (by the handler), the output
     # directory and whether the result already exists.
-    stem, go = HANDLERS[experiment](args, backend, seeds)
+    try:
+        stem, go = HANDLERS[experiment](args, backend, seeds)
+    except ValueError as e:  # an experiment's own validation of its settings
+        raise CLIError(str(e)) from None
     json_path, png_path = _result_paths(args, stem)
     start = time.perf_counter()
     report = go()
