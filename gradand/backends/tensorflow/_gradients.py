@@ -219,8 +219,12 @@ def environment_statistics(
             it before the statistics, so that they are those of each
             environment's own loss. ``None`` (default) follows TensorFlow's
             convention: ``1 / num_replicas`` inside ``strategy.run`` with
-            several replicas (what ``keras.losses.Loss`` objects give there),
-            else 1. Pass ``1.0`` for unscaled losses under a strategy.
+            several replicas (what a ``keras.losses.Loss`` object gives there
+            when it reduces per-example losses, e.g. for targets of shape
+            ``(B, 1)``), else 1. Pass ``1.0`` for losses that are each
+            environment's plain mean under a strategy (``tf.reduce_mean``,
+            or a Keras loss on 1-D targets, which Keras reduces to a scalar
+            without dividing).
 
     Returns:
         A flat list (the order of ``tf.nest.flatten(variables)``) of
@@ -517,11 +521,11 @@ def combined_gradients(
     because ``optimizer.apply_gradients`` sums the gradients of the replicas.
     The result is the update that one replica seeing every environment would apply.
     The losses follow TensorFlow's convention for replicas: each divided by
-    the number of replicas, which is what ``keras.losses.Loss`` objects
-    return inside ``strategy.run``; gradand multiplies the gradients back
-    before combining, so a combiner sees each environment's own gradient
-    (``loss_scale`` says otherwise, e.g. ``loss_scale=1.0`` for losses that
-    are each environment's plain mean).
+    the number of replicas, which is what a ``keras.losses.Loss`` object
+    returns inside ``strategy.run`` for targets of shape ``(B, 1)``; gradand
+    multiplies the gradients back before combining, so a combiner sees each
+    environment's own gradient. ``loss_scale`` says otherwise, e.g.
+    ``loss_scale=1.0`` for losses that are each environment's plain mean.
 
     Args:
         tape: the ``tf.GradientTape`` the losses were recorded on
