@@ -10,6 +10,12 @@ shortcuts; the AND-mask keeps the directions on which all environments agree.
 
 Run: python examples/tf_custom_loop.py            (a few minutes on a laptop CPU)
      python examples/tf_custom_loop.py --quick    (a few seconds, a smoke test)
+
+Output (500 steps; times on a shared, loaded 2-core CPU):
+
+    combiner                           train acc  test acc    kept    time
+    Mean() (plain averaging)               1.000     0.516   1.000   35.1s
+    AndMask(threshold=1.0)                 0.999     0.997   0.017   41.4s
 """
 
 from __future__ import annotations

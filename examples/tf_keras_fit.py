@@ -10,6 +10,10 @@ parameters whose update survives the mask) and ``agreement`` next to the loss.
 
 Run: python examples/tf_keras_fit.py            (a few minutes on a laptop CPU)
      python examples/tf_keras_fit.py --quick    (seconds, a smoke test)
+
+Output (10 epochs x 50 steps): ``AndMask(threshold=1.0): train accuracy 0.992, test
+accuracy 0.992``. Without ``weight_decay`` (``--weight-decay 0``) the mask freezes the
+shortcut weights learned in the first steps and the test accuracy stays near chance (0.517).
 """
 
 from __future__ import annotations
