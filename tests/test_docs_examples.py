@@ -369,6 +369,23 @@ def test_skip_marker_and_page_namespace_are_honoured(tmp_path: Path) -> None:
     assert run_page_in_process(blocks, "ok.md") == 2
 
 
+def test_a_block_needing_a_missing_framework_is_skipped_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a)
+    )
+    path = tmp_path / "needs_torch.md"
+    path.write_text(
+        "```python\nx = 1\n```\n\n```python\nimport torch\n\nt = torch.ones(2)\n```\n\n"
+        "```python\nprint(t)\n```\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(pytest.skip.Exception, match="needs torch"):
+        run_page_in_process(blocks_of(path), "needs_torch.md")
+
+
 def test_readme_python_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = [b for b in blocks_of(README) if b.language == "python"]
     assert blocks, "the README has no python block"
