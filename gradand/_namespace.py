@@ -124,7 +124,7 @@ def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> Any:
     except TypeError:  # a tracer (jax.jit) or a symbolic tensor: values unknown here
         return x
     if not ok:
-        n_bad = int(xp.sum(xp.astype(xp.logical_not(finite), xp.int64)))
+        n_bad = int(xp.sum(xp.astype(xp.logical_not(finite), x.dtype)))  # x is float32+
         size = array_api_compat.size(x)
         raise ValueError(
             f"{name} contains NaN or Inf ({n_bad} of {size} entries of shape {tuple(x.shape)}); "

@@ -136,3 +136,17 @@ def test_outer_statistics_reject_geometric_mean_and_bad_shapes():
         gradand.outer_statistics(x, d[:2], gradand.AndMask())
     with pytest.raises(TypeError, match="real floating"):
         gradand.outer_statistics(x.astype(int), d, gradand.AndMask())
+
+
+@pytest.mark.parametrize("beta3", [0.9, 0.99, 0.999])
+def test_threshold_one_keeps_components_whose_sign_never_changed_despite_rounding(beta3):
+    # float32 state with an array step count (as under jit/optax): ŝ drifts below 1 by rounding
+    z = np.zeros(2, np.float32)
+    m, v, s = z.copy(), z.copy(), z.copy()
+    for t in range(1, 3001):
+        g = np.array([1.0, 1.0 if t != 2000 else -1.0], np.float32)
+        out = temporal_and_mask_step(g, z, m, v, s, np.float32(t), beta3=beta3, threshold=1.0)
+        m, v, s = out.exp_avg, out.exp_avg_sq, out.sign_avg
+        assert out.mask[0] == 1.0, t
+        if 2000 <= t <= 2010:
+            assert out.mask[1] == 0.0, t  # a recent disagreement is not forgotten
