@@ -19,6 +19,9 @@ namespace of ``tf`` ops, with the core, so every core function
   Keras optimizer, saved and loaded with the model.
 - :func:`environment_batches` — a ``tf.data`` pipeline of per-environment
   batches stacked on a leading environment axis.
+- :func:`environment_losses`, :func:`environment_hessians` — a Keras model's
+  per-environment losses of a flat parameter vector and Hessians, for
+  :mod:`gradand.consistency` (the paper's inconsistency score).
 
 Example:
     >>> import tensorflow as tf
@@ -62,6 +65,7 @@ def _exclude_from_autograph() -> None:
 
 _exclude_from_autograph()
 
+from gradand.backends.tensorflow._consistency import environment_hessians, environment_losses  # noqa: E402
 from gradand.backends.tensorflow._data import environment_batches  # noqa: E402
 from gradand.backends.tensorflow._gradients import (  # noqa: E402
     CombinedGradients,
@@ -82,6 +86,8 @@ __all__ = [
     "all_reduce_statistics",
     "combined_gradients",
     "environment_batches",
+    "environment_hessians",
+    "environment_losses",
     "environment_statistics",
     "finalize_gradients",
     "vectorized_statistics",
