@@ -296,3 +296,28 @@ def test_an_and_masked_sgd_step_moves_only_components_where_every_environment_ag
     assert any(bool(a.any()) for a in agreed) and not all(bool(a.all()) for a in agreed)
     for p, b, a in zip(params, before, agreed):
         assert torch.equal(p.detach() != b, a)
+
+
+def test_streaming_memory_does_not_grow_with_the_number_of_environments(monkeypatch) -> None:
+    """No environment's gradient outlives the next backward pass: at most one per parameter is alive."""
+    import weakref
+
+    real_grad = torch.autograd.grad
+    returned: list[list[weakref.ref]] = []
+    live_counts = []
+
+    def tracking_grad(*args, **kwargs):
+        live_counts.append(sum(r() is not None for refs in returned for r in refs))
+        out = real_grad(*args, **kwargs)
+        returned.append([weakref.ref(g) for g in out if g is not None])
+        return out
+
+    monkeypatch.setattr(torch.autograd, "grad", tracking_grad)
+    x, y = data(16, 12)
+    model = mlp(16)
+    gt.backward(
+        [F.cross_entropy(model(x[e]), y[e]) for e in range(12)], model.parameters(), gradand.AndMask()
+    )
+    assert len(live_counts) == 12
+    assert max(live_counts) <= len(list(model.parameters()))
+    assert live_counts[2:] == [0] * 10

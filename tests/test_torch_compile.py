@@ -13,6 +13,8 @@ from gradand.backends import torch as gt  # noqa: E402
 
 F = torch.nn.functional
 XP = gradand.array_namespace(torch.empty(0))
+# torch's own compile machinery still calls torch.jit.script_method internally
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script:DeprecationWarning")
 
 
 @pytest.fixture(autouse=True)

@@ -123,7 +123,7 @@ def backward(
             except ValueError as err:
                 raise with_context(err, f"environment {e}, params[{i}] (shape {tuple(p.shape)})") from None
             stats[i] = stats[i] + s
-        del grads
+        grads = g = s = None  # free this environment's gradients before the next backward
     if all_reduce:
         from gradand.backends.torch._distributed import all_reduce_statistics
 

@@ -263,7 +263,7 @@ def vmap_backward(
                 except ValueError as err:
                     raise with_context(err, f"parameter {n!r} (shape {tuple(g.shape[1:])})") from None
                 stats[n] = stats[n] + s
-            del grads
+            grads = g = s = None  # free this chunk's gradients before the next pass
     names = list(trainable)
     reduced = [stats[n] for n in names]
     if all_reduce:
