@@ -304,6 +304,7 @@ def run_page(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int
     return run_page_in_process(blocks, page)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", doc_pages(), ids=lambda p: str(p.relative_to(DOCS)))
 def test_every_code_block_of_the_page_runs(
     path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
