@@ -69,7 +69,7 @@ def net():
 def gap(a, b):
     return max(float(np.abs(np.asarray(u) - np.asarray(v)).max()) for u, v in zip(a, b))
 
-# 2. A custom loop with SGD (scale-sensitive): mirrored == single == the numpy core, with the
+# 2. A custom loop with SGD (scale-sensitive): mirrored == single (== the numpy core: test_tf_keras), with the
 #    losses of a keras.losses.Loss (divided by the replicas: the default loss_scale) or plain means.
 def custom_loop(strategy, steps, kind="loss_object"):
     with strategy.scope():
@@ -98,16 +98,8 @@ def custom_loop(strategy, steps, kind="loss_object"):
 mirrored, shapes = custom_loop(strategy, 3)
 mirrored_means, _ = custom_loop(strategy, 3, kind="mean")
 single, _ = custom_loop(tf.distribute.get_strategy(), 3)
-first, _ = custom_loop(tf.distribute.get_strategy(), 1)
-ref_net = net()
-with tf.GradientTape(persistent=True) as tape:
-    losses = [tf.reduce_mean(keras.losses.binary_crossentropy(y[e], ref_net(x[e]), from_logits=True))
-              for e in range(E)]
-oracle = [v.numpy() - 0.1 * gradand.combine(np.stack([tape.gradient(l, v).numpy() for l in losses]), c)
-          for v in ref_net.trainable_variables]
 report["custom_loop"] = {"environments_per_replica": shapes, "gap": gap(mirrored, single),
-                         "gap_plain_means": gap(mirrored_means, single),
-                         "first_step_vs_numpy": gap(first, oracle)}
+                         "gap_plain_means": gap(mirrored_means, single)}
 
 # 3. Keras fit with SGD and weight decay: mirrored == single.
 def fit(strategy, **kw):
@@ -165,7 +157,6 @@ def test_mirrored_custom_loop_applies_the_single_replica_update(report):
     assert set(r["environments_per_replica"]) == {2}  # each replica holds half of the 4 environments
     assert r["gap"] < 1e-5  # keras.losses.Loss objects: divided by the replicas, the default loss_scale
     assert r["gap_plain_means"] < 1e-5  # plain per-environment means with loss_scale=1.0
-    assert r["first_step_vs_numpy"] < 1e-5
 
 
 def test_mirrored_keras_fit_applies_the_single_replica_update(report):
