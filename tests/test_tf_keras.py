@@ -201,6 +201,22 @@ def test_temporal_and_mask_optimizer_equals_the_numpy_temporal_step(order):
     np.testing.assert_allclose(w.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_temporal_and_mask_with_threshold_one_keeps_components_whose_sign_never_changes():
+    opt = gtf.TemporalAndMask(0.01, threshold=1.0)
+    w = keras.Variable(np.zeros(2, np.float32))
+    step = tf.function(lambda g: opt.apply([g], [w]))
+    rng = np.random.default_rng(8)
+    history = []
+    for t in range(30):  # component 0 always positive; component 1 flips sign every step
+        g = np.array([1.0 + rng.random(), (-1.0) ** t], np.float32)
+        before = w.numpy().copy()
+        step(tf.constant(g))
+        history.append(w.numpy() - before)
+    moved = np.array(history) != 0
+    assert moved[:, 0].all()  # masked at no step (float32 round-off must not flicker the mask)
+    assert not moved[1:, 1].any()  # after the first step the flipping component is masked
+
+
 def test_saving_and_loading_keeps_model_combiner_and_temporal_optimizer_state(tmp_path):
     x, y = _data(6)
     xs, ys = np.swapaxes(x, 0, 1), np.swapaxes(y, 0, 1)

@@ -37,10 +37,7 @@ class TemporalAndMask(keras.optimizers.Optimizer):
 
     Bias corrections ``1 - β^t`` are computed in the variables' dtype (as in
     ``keras.optimizers.Adam``), so float32 results differ from a float64
-    reference by about ``1e-5`` relative. With ``threshold=1.0`` the
-    bias-corrected sign average of steps that all agree is 1 only up to
-    round-off, so such components can be masked at some steps; prefer a
-    threshold a little below 1.
+    reference by about ``1e-5`` relative.
 
     Args:
         learning_rate: a float or a ``keras.optimizers.schedules`` schedule.
@@ -60,13 +57,13 @@ class TemporalAndMask(keras.optimizers.Optimizer):
         >>> import keras
         >>> import numpy as np
         >>> from gradand.backends.tensorflow import TemporalAndMask
-        >>> opt = TemporalAndMask(learning_rate=0.1, threshold=0.5)
+        >>> opt = TemporalAndMask(learning_rate=0.1, threshold=1.0)
         >>> w = keras.Variable(np.zeros(2, "float32"))
         >>> opt.apply([keras.ops.convert_to_tensor(np.array([1.0, -3.0], "float32"))], [w])
         >>> np.round(keras.ops.convert_to_numpy(w), 4)  # Adam's first step: -lr * sign(g)
         array([-0.1,  0.1], dtype=float32)
         >>> TemporalAndMask.from_config(opt.get_config()).threshold
-        0.5
+        1.0
     """
 
     def __init__(
