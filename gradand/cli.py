@@ -305,7 +305,8 @@ def _patchwork(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -
     def go() -> Any:
         report = reproduce(backend=backend, device=args.device, steps=args.steps)
         report.config["seeds"] = list(seeds)
-        report.notes.append("deterministic: the result does not depend on --seeds")
+        if args.seeds is not None:
+            report.notes.append("deterministic: the result does not depend on --seeds")
         if args.quick:
             report.notes.append("--quick changes nothing here: the full run takes seconds")
         return report

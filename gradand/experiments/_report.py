@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -278,8 +279,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std())
 
 
+_NUMBER = re.compile(r"^(-|[-+]?[\d.]+(e[-+]?\d+)?( ± [\d.]+)?)$")
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table: the first column left-aligned, the others right-aligned.
+    """A plain-text table: numeric columns right-aligned, the others left-aligned.
 
     Example:
         >>> from gradand.experiments._report import format_table
@@ -288,10 +292,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         mean      0.50
         and_mask  1.00
     """
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    body = [[str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers], *body]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [bool(body) and all(_NUMBER.match(r[i]) for r in body) for i in range(len(headers))]
     lines = []
     for r in cells:
-        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
