@@ -100,6 +100,8 @@ def worker(rank: int, port: int, outdir: str) -> None:
     result["after"] = (ok.count, ok.sum.clone())
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown of gloo/DDP objects (not under test here)
 
 
 def free_port() -> int:

@@ -77,15 +77,17 @@ def all_reduce_statistics(stats: Any, group: Any = None) -> Any:
         The summed ``Statistics`` (or a list of them, in the same order).
 
     Example:
-        >>> import os, torch, torch.distributed as dist, gradand
+        >>> import torch, gradand
         >>> from gradand.backends import torch as gt
-        >>> store = dist.HashStore()  # a one-process group, just to show the call
-        >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-        >>> s = gradand.statistics(torch.tensor([[1.0, -1.0], [2.0, 1.0]]), gradand.AndMask())
-        >>> total = gt.all_reduce_statistics(s)
+        >>> c = gradand.AndMask()
+        >>> # rank 0 and rank 1 each hold the statistics of their own environments ...
+        >>> on_rank0 = gradand.statistics(torch.tensor([[1.0, -1.0]]), c)
+        >>> on_rank1 = gradand.statistics(torch.tensor([[2.0, 1.0], [3.0, 1.0]]), c)
+        >>> # ... and `gt.all_reduce_statistics(on_rank0)` on rank 0 (`on_rank1` on rank 1)
+        >>> # returns on both ranks what merging them in one process gives:
+        >>> total = gradand.merge(on_rank0, on_rank1)
         >>> total.count, total.sign_sum
-        (2, tensor([2., 0.]))
-        >>> dist.destroy_process_group()
+        (3, tensor([3., 1.]))
     """
     single = isinstance(stats, gradand.Statistics)
     items = [stats] if single else list(stats)
@@ -192,18 +194,16 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     (on the plain module, or inside ``ddp.no_sync()``).
 
     Example:
-        >>> import torch, torch.distributed as dist, gradand
+        >>> import gradand
         >>> from gradand.backends import torch as gt
-        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        >>> model = torch.nn.Linear(2, 1)
-        >>> ddp = torch.nn.parallel.DistributedDataParallel(model)
         >>> state = gt.CommHookState(gradand.AndMask(threshold=1.0))
-        >>> ddp.register_comm_hook(state, gt.comm_hook)
-        >>> ddp(torch.tensor([[1.0, -2.0]])).sum().backward()  # this rank's environment
-        >>> model.weight.grad
-        tensor([[ 1., -2.]])
-        >>> del ddp  # destroy DDP before its process group
-        >>> dist.destroy_process_group()
+        >>> # after torch.distributed.init_process_group(...) on every rank:
+        >>> # ddp = torch.nn.parallel.DistributedDataParallel(model)
+        >>> # ddp.register_comm_hook(state, gt.comm_hook)
+        >>> # loss.backward()  -> .grad holds the AND-mask over the ranks' gradients
+        >>> # state.mask_infos(model.parameters())  -> this step's MaskInfo per parameter
+        >>> state.infos
+        {}
     """
     combiner = state.combiner
     grads = bucket.gradients()
@@ -255,18 +255,27 @@ def register_comm_hook(
     over. Returns the hook's state, whose :meth:`CommHookState.mask_infos`
     gives the last step's infos.
 
+    In a script run with ``torchrun --nproc_per_node=2`` (see
+    ``examples/torch_ddp.py``)::
+
+        dist.init_process_group("gloo")  # or "nccl"
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        hook = gt.register_comm_hook(ddp, gradand.AndMask(threshold=1.0))
+        loss_fn(ddp(x), y).backward()  # .grad: the AND-mask over the ranks' gradients
+        optimizer.step()
+        hook.mask_infos(model.parameters())  # this step's MaskInfo per parameter
+
     Example:
-        >>> import torch, torch.distributed as dist, gradand
+        >>> import gradand
         >>> from gradand.backends import torch as gt
-        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        >>> model = torch.nn.Linear(2, 1)
-        >>> ddp = torch.nn.parallel.DistributedDataParallel(model)
+        >>> class FakeDDP:  # stands in for DistributedDataParallel in this example
+        ...     process_group = None
+        ...     def register_comm_hook(self, state, hook):
+        ...         self.registered = (state, hook)
+        >>> ddp = FakeDDP()
         >>> hook = gt.register_comm_hook(ddp, gradand.AndMask(threshold=1.0))
-        >>> ddp(torch.ones(3, 2)).mean().backward()  # .grad: the AND-mask over the ranks
-        >>> [float(i.survivor_fraction) for i in hook.mask_infos(model.parameters())]
-        [1.0, 1.0]
-        >>> del ddp  # destroy DDP before its process group
-        >>> dist.destroy_process_group()
+        >>> ddp.registered == (hook, gt.comm_hook), hook.combiner
+        (True, AndMask(threshold=1.0, rescale=True))
     """
     if group is None:
         group = getattr(ddp, "process_group", None)  # the group DDP itself reduces over
