@@ -12,6 +12,11 @@ Two or three lines change in the loop you already have::
 - :func:`vmap_backward` (vectorised): per-environment gradients in one
   ``torch.func.vmap`` pass, chunkable; environments on a leading axis or an
   environment index per example; every example its own environment.
+- :func:`factored_backward` (factored): one forward and one backward pass over
+  every example; per-environment gradients of ``nn.Linear``/``nn.Conv2d``
+  layers as ``Δ_eᵀ X_e`` from the gradients at the layers' outputs (with one
+  example per environment, no per-example gradient array); close to the cost
+  of an ordinary step. Other parameters fall back to a batched backward pass.
 - :class:`TemporalAndMaskAdam`: the temporal AND-mask (paper Algorithm 1) as a
   ``torch.optim.Optimizer``.
 - :func:`all_reduce_statistics`, :func:`comm_hook`, :func:`register_comm_hook`:
@@ -55,11 +60,13 @@ from gradand.backends.torch._distributed import (
     comm_hook,
     register_comm_hook,
 )
+from gradand.backends.torch._factored import FACTORED_LAYERS, factored_backward
 from gradand.backends.torch._optim import TemporalAndMaskAdam
 from gradand.backends.torch._streaming import backward
 from gradand.backends.torch._vectorized import environment_groups, vmap_backward
 
 __all__ = [
+    "FACTORED_LAYERS",
     "CommHookState",
     "TemporalAndMaskAdam",
     "all_reduce_statistics",
@@ -68,6 +75,7 @@ __all__ = [
     "environment_groups",
     "environment_hessians",
     "environment_losses",
+    "factored_backward",
     "register_comm_hook",
     "vmap_backward",
 ]
