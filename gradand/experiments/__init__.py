@@ -1,1 +1,12 @@
-"""The paper's experiments, as functions the ``gradand`` command line and the tests call."""
+"""The paper's experiments, as functions the ``gradand`` command line and the tests call.
+
+- :mod:`~gradand.experiments.patchwork` — the reference notebook's linear regression (numpy).
+- :mod:`~gradand.experiments.landscapes` — the consistency-of-minima landscapes (numpy).
+- :mod:`~gradand.experiments.spirals` — the synthetic spirals task: generator, presets, runner.
+- :mod:`~gradand.experiments.memorization` — random labels, one environment per example.
+- :mod:`~gradand.experiments.torch_training`, :mod:`~gradand.experiments.jax_training`,
+  :mod:`~gradand.experiments.tf_training` — the training loops on each backend (optional
+  frameworks, imported only when used).
+
+Importing this package imports numpy only.
+"""
