@@ -131,7 +131,7 @@ def _common_options() -> argparse.ArgumentParser:
         help="a count (3 = seeds 0,1,2) or a comma-separated list (0,5,9); "
         "default: 3 for spirals/consistency (1 for spirals --quick), 1 otherwise",
     )
-    g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch, jax, tensorflow)")
     g.add_argument(
         "--out", default="gradand-results", metavar="DIR", help="output directory (default: %(default)s)"
     )
