@@ -212,15 +212,15 @@ def factored_backward(
             f"inputs must have shape (E, n, ...): environments, then examples; got shape "
             f"{tuple(inputs.shape)} (for one example per environment use inputs[:, None])"
         )
-    if targets.ndim < 2 or targets.shape[:2] != inputs.shape[:2]:
-        raise ValueError(
-            f"targets must have shape (E, n, ...) with the same E and n as inputs; got inputs "
-            f"{tuple(inputs.shape)} and targets {tuple(targets.shape)}"
-        )
     n_env, n_ex = inputs.shape[0], inputs.shape[1]
     if n_env == 0 or n_ex == 0:
         raise ValueError(
             f"inputs has shape {tuple(inputs.shape)}; need at least one environment and one example each"
+        )
+    if targets.ndim < 2 or targets.shape[:2] != inputs.shape[:2]:
+        raise ValueError(
+            f"targets must have shape (E, n, ...) with the same E and n as inputs; got inputs "
+            f"{tuple(inputs.shape)} and targets {tuple(targets.shape)}"
         )
     check_batch_norm(model)
 
@@ -380,9 +380,32 @@ def _chunks(n: int, chunk_size: int | None) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+class _SignNoNaNCheck:
+    """The core's torch namespace with ``torch.sign`` (one pass) in place of the NaN-propagating one.
+
+    Only used under ``nan_policy="raise"``, where a non-finite gradient is
+    caught afterwards from the summed statistics (every combiner needs
+    ``sum``, which a NaN or Inf in any environment makes non-finite).
+    """
+
+    sign = staticmethod(torch.sign)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(XP, name)
+
+
+_FAST_XP = _SignNoNaNCheck()
+
+
 def _stats(g: torch.Tensor, combiner: gradand.Combiner, policy: str, name: str, p: torch.Tensor) -> Any:
+    """The core's statistics of ``g`` (E, ...), with the "raise" check on the (E× smaller) sums."""
     try:
-        return gradand.statistics(g, combiner, axis=0, nan_policy=policy, xp=XP)
+        if policy != "raise":
+            return gradand.statistics(g, combiner, axis=0, nan_policy=policy, xp=XP)
+        s = gradand.statistics(g, combiner, axis=0, nan_policy="propagate", xp=_FAST_XP)
+        if not bool(torch.stack([torch.isfinite(a).all() for a in s.arrays().values()]).all()):
+            s = gradand.statistics(g, combiner, axis=0, nan_policy="raise", xp=XP)  # the core's error
+        return s
     except ValueError as err:
         raise with_context(err, f"parameter {name!r} (shape {tuple(p.shape)})") from None
 

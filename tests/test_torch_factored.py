@@ -1,0 +1,301 @@
+"""factored_backward: per-environment gradients from one forward and one backward pass.
+
+Oracle: each environment's gradient from its own ``loss.backward()``, combined
+by the numpy core (``gradand.combine``); and ``vmap_backward`` on the same model.
+Models are float64 so that no sign flips on rounding between the two paths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gradand  # noqa: E402
+from gradand.backends import torch as gt  # noqa: E402
+
+F = torch.nn.functional
+nn = torch.nn
+
+COMBINERS = [
+    gradand.Mean(),
+    gradand.AndMask(threshold=1.0),
+    gradand.AndMask(threshold=0.5, rescale=False),
+    gradand.GeometricMean(threshold=0.6),
+    gradand.SandMask(threshold=0.4, k=3.0),
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mlp(bias: bool = True, d: int = 5, h: int = 12, out: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(d, h, bias=bias),
+        nn.ReLU(),
+        nn.Linear(h, h, bias=bias),
+        nn.Tanh(),
+        nn.Linear(h, out, bias=bias),
+    ).double()
+
+
+def clone(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def oracle(model, loss_fn, x, y, combiner) -> list[np.ndarray]:
+    """Each environment's own backward, combined by the numpy core."""
+    m = clone(model)
+    params = [p for p in m.parameters() if p.requires_grad]
+    per_env = []
+    for e in range(x.shape[0]):
+        grads = torch.autograd.grad(loss_fn(m(x[e]), y[e]), params, allow_unused=True, materialize_grads=True)
+        per_env.append([g.detach().numpy() for g in grads])
+    return [gradand.combine(np.stack([g[i] for g in per_env]), combiner) for i in range(len(params))]
+
+
+def grads_of(model) -> list[np.ndarray]:
+    return [p.grad.detach().numpy() for p in model.parameters() if p.requires_grad]
+
+
+def assert_close(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
+
+
+def data(e: int, n: int, d: int = 5, classes: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(e, n, d, generator=g, dtype=torch.float64), torch.randint(
+        0, classes, (e, n), generator=g
+    )
+
+
+@pytest.mark.parametrize("combiner", COMBINERS, ids=repr)
+@pytest.mark.parametrize("shape", [(1, 6), (3, 4), (16, 5), (12, 1)], ids=lambda s: f"E{s[0]}xn{s[1]}")
+def test_factored_equals_each_environments_own_backward_and_vmap(combiner, shape):
+    model = mlp()
+    x, y = data(*shape)
+    want = oracle(model, F.cross_entropy, x, y, combiner)
+    a, b = clone(model), clone(model)
+    loss, infos = gt.factored_backward(a, F.cross_entropy, x, y, combiner)
+    vloss, vinfos = gt.vmap_backward(b, F.cross_entropy, x, y, combiner)
+    assert_close(grads_of(a), want)
+    assert_close(grads_of(a), grads_of(b))
+    assert float(loss) == pytest.approx(float(vloss), rel=1e-12)
+    assert len(infos) == len(vinfos) == 6
+    for i, j in zip(infos, vinfos):
+        assert float(i.survivor_fraction) == pytest.approx(float(j.survivor_fraction))
+        assert float(i.agreement) == pytest.approx(float(j.agreement))
+
+
+@pytest.mark.parametrize("combiner", [gradand.AndMask(threshold=0.8), gradand.GeometricMean()], ids=repr)
+@pytest.mark.parametrize("n", [1, 4])
+def test_factored_without_bias_matches_oracle(combiner, n):
+    model = mlp(bias=False)
+    x, y = data(6, n)
+    gt.factored_backward(model_ := clone(model), F.cross_entropy, x, y, combiner)
+    assert_close(grads_of(model_), oracle(model, F.cross_entropy, x, y, combiner))
+
+
+class SeqModel(nn.Module):
+    """Linear layers on 3-D inputs (n, T, in): the per-example gradient is a sum over T outer products."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).mean(1)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_linear_on_3d_inputs_sums_positions_like_the_oracle(n):
+    torch.manual_seed(0)
+    model = SeqModel().double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, n, 7, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (5, n), generator=g)
+    c = gradand.AndMask(threshold=0.6)
+    gt.factored_backward(m := clone(model), F.cross_entropy, x, y, c, fallback="error")
+    assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
+
+
+def cnn(groups: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, (3, 2), stride=2, dilation=(1, 2), padding=(1, 0), groups=groups),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    ).double()
+
+
+@pytest.mark.parametrize("combiner", [gradand.AndMask(threshold=0.7), gradand.SandMask(0.3, k=2.0)], ids=repr)
+@pytest.mark.parametrize("n", [1, 3])
+def test_conv2d_im2col_matches_oracle(combiner, n):
+    model = cnn()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, n, 2, 8, 9, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (4, n), generator=g)
+    model(x[0])  # materialise the lazy layer
+    want = oracle(model, F.cross_entropy, x, y, combiner)
+    gt.factored_backward(m := clone(model), F.cross_entropy, x, y, combiner, fallback="error")
+    assert_close(grads_of(m), want)
+
+
+def test_grouped_conv_falls_back_and_still_matches_oracle():
+    model = cnn(groups=2)
+    x, y = torch.randn(3, 2, 2, 8, 9, dtype=torch.float64), torch.randint(0, 3, (3, 2))
+    model(x[0])
+    c = gradand.AndMask(threshold=0.6)
+    with pytest.raises(ValueError, match=r"2\.weight"):
+        gt.factored_backward(clone(model), F.cross_entropy, x, y, c, fallback="error")
+    gt.factored_backward(m := clone(model), F.cross_entropy, x, y, c)
+    assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
+
+
+class Mixed(nn.Module):
+    """Embedding + LayerNorm (unsupported), a Linear used only through F.linear, and a shared Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.norm = nn.LayerNorm(6)
+        self.shared = nn.Linear(6, 6)
+        self.direct = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, idx):
+        h = self.norm(self.emb(idx).sum(1))
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))  # called twice: gradients add up
+        h = F.linear(h, self.direct.weight, self.direct.bias)  # never called as a module
+        return self.head(h)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_unsupported_and_uncalled_layers_fall_back_to_a_batched_backward(n):
+    torch.manual_seed(0)
+    model = Mixed().double()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randint(0, 10, (6, n, 3), generator=g), torch.randint(0, 2, (6, n), generator=g)
+    for c in (gradand.AndMask(threshold=0.6), gradand.GeometricMean(threshold=0.5)):
+        for p in model.parameters():
+            p.grad = None
+        gt.factored_backward(m := clone(model), F.cross_entropy, x, y, c)
+        assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
+
+
+def test_fallback_error_lists_the_parameters_outside_supported_layers():
+    torch.manual_seed(0)
+    model = Mixed().double()
+    x, y = torch.randint(0, 10, (3, 2, 3)), torch.randint(0, 2, (3, 2))
+    with pytest.raises(ValueError, match=r"emb\.weight") as err:
+        gt.factored_backward(model, F.cross_entropy, x, y, gradand.AndMask(), fallback="error")
+    msg = str(err.value)
+    assert "norm.weight" in msg and "direct.weight" in msg and "shared.weight" not in msg
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_batch_norm_in_train_mode_raises_and_eval_mode_matches_oracle():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = data(4, 5)
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        gt.factored_backward(model, F.cross_entropy, x, y, gradand.AndMask())
+    model.eval()
+    c = gradand.AndMask(threshold=0.7)
+    gt.factored_backward(m := clone(model), F.cross_entropy, x, y, c)
+    assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
+
+
+def test_update_is_added_to_existing_grad_like_backward():
+    model = mlp()
+    x, y = data(5, 3)
+    c = gradand.AndMask(threshold=0.6)
+    want = oracle(model, F.cross_entropy, x, y, c)
+    m = clone(model)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    gt.factored_backward(m, F.cross_entropy, x, y, c)
+    assert_close(grads_of(m), [w + 1.0 for w in want])
+
+
+def test_chunk_size_gives_the_same_update():
+    model = mlp()
+    x, y = data(7, 1)
+    for c in (gradand.AndMask(threshold=0.6), gradand.GeometricMean()):
+        a, b = clone(model), clone(model)
+        gt.factored_backward(a, F.cross_entropy, x, y, c)
+        gt.factored_backward(b, F.cross_entropy, x, y, c, chunk_size=3)
+        assert_close(grads_of(b), grads_of(a))
+
+
+def test_in_place_activation_after_linear_raises_instead_of_a_wrong_gradient():
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
+    x, y = data(3, 2)
+    with pytest.raises(ValueError, match="in place"):
+        gt.factored_backward(model, F.cross_entropy, x, y, gradand.AndMask())
+
+
+def test_non_finite_gradient_raises_naming_the_parameter_and_zero_policy_matches_vmap():
+    model = mlp()
+    x, y = data(4, 3)
+    x[2, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter '0\.weight'.*NaN"):
+        gt.factored_backward(clone(model), F.cross_entropy, x, y, gradand.AndMask())
+    a, b = clone(model), clone(model)
+    gt.factored_backward(a, F.cross_entropy, x, y, gradand.AndMask(0.5), nan_policy="zero")
+    gt.vmap_backward(b, F.cross_entropy, x, y, gradand.AndMask(0.5), nan_policy="zero")
+    assert_close(grads_of(a), grads_of(b))
+
+
+def test_loss_fn_without_a_batching_rule_is_called_per_environment():
+    calls = []
+
+    def loss_fn(out, tgt):  # .item() cannot run under vmap
+        calls.append(float(out.sum().item()))
+        return F.cross_entropy(out, tgt)
+
+    model = mlp()
+    x, y = data(3, 2)
+    c = gradand.AndMask(threshold=0.6)
+    gt.factored_backward(m := clone(model), loss_fn, x, y, c)
+    assert len(calls) == 3
+    assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"inputs": torch.randn(4)}, "inputs must have shape"),
+        ({"targets": torch.zeros(3, 2, dtype=torch.long)}, "targets must have shape"),
+        ({"inputs": torch.randn(0, 2, 5)}, "at least one environment"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"fallback": "vmap"}, "fallback"),
+        ({"loss_fn": lambda o, t: F.cross_entropy(o, t, reduction="none")}, "scalar"),
+    ],
+)
+def test_invalid_arguments_raise_with_the_offending_value(kwargs, match):
+    model = nn.Linear(5, 3)
+    args = {
+        "loss_fn": F.cross_entropy,
+        "inputs": torch.randn(4, 2, 5),
+        "targets": torch.zeros(4, 2, dtype=torch.long),
+    }
+    args.update({k: v for k, v in kwargs.items() if k in args})
+    rest = {k: v for k, v in kwargs.items() if k not in args}
+    with pytest.raises(ValueError, match=match):
+        gt.factored_backward(
+            model, args["loss_fn"], args["inputs"], args["targets"], gradand.AndMask(), **rest
+        )
