@@ -10,3 +10,10 @@
 
 Importing this package imports numpy only.
 """
+
+#: The module holding each backend's ``train_classifier`` (imported only when used).
+TRAINING_MODULES = {
+    "torch": "gradand.experiments.torch_training",
+    "jax": "gradand.experiments.jax_training",
+    "tensorflow": "gradand.experiments.tf_training",
+}

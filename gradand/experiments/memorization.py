@@ -16,11 +16,15 @@ images, 10 classes; no download). :func:`load_cifar10` reads the CIFAR-10
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import pickle
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from gradand.experiments import TRAINING_MODULES as _TRAINING_MODULES
 
 __all__ = [
     "CIFAR10_CHANGES",
@@ -216,101 +220,33 @@ QUICK_THRESHOLDS: tuple[float, ...] = (0.0, 0.2)
 LABELS: tuple[str, ...] = ("random", "true")
 
 
-def _train_torch(
-    data: Dataset,
-    train_y: np.ndarray,
-    setting: MemorizationSetting,
-    threshold: float,
-    *,
-    seed: int,
-    device: str,
-    show_progress: bool,
-    desc: str,
-) -> dict[str, Any]:
-    import torch
+def _model(backend: str, data: Dataset, setting: MemorizationSetting, seed: int) -> Any:
+    """The classifier in ``backend``'s idiom: an MLP on flat inputs (a small CNN on images, torch)."""
+    n_in, n_out = data.train_x.shape[1], data.n_classes
+    shape = dict(hidden_units=setting.hidden_units, hidden_layers=setting.hidden_layers, activation="relu")
+    if backend == "torch":
+        import torch
 
-    from gradand._combiners import AndMask, Mean
-    from gradand.experiments.torch_training import mlp, small_cnn, train_classifier
+        from gradand.experiments.torch_training import mlp, small_cnn
 
-    torch.manual_seed(seed)
-    if data.train_x.ndim == 2:
-        model = mlp(
-            data.train_x.shape[1],
-            data.n_classes,
-            hidden_units=setting.hidden_units,
-            hidden_layers=setting.hidden_layers,
-            activation="relu",
-        )
-    else:
-        model = small_cnn(data.train_x.shape[1], data.n_classes)
-    combiner = Mean() if threshold == 0 else AndMask(threshold=threshold, rescale=True)
-    return train_classifier(
-        model,
-        train_x=data.train_x[:, None],
-        train_y=train_y[:, None],
-        eval_sets={"train": (data.train_x, train_y), "test": (data.test_x, data.test_y)},
-        combiner=combiner,
-        loss="ce",
-        epochs=setting.epochs,
-        batch_size=1,
-        envs_per_step=setting.batch_size,
-        lr=setting.lr,
-        weight_decay=setting.weight_decay,
-        eval_every=setting.eval_every,
-        seed=seed,
-        device=device,
-        show_progress=show_progress,
-        desc=desc,
-    )
-
-
-def _train_jax(
-    data: Dataset,
-    train_y: np.ndarray,
-    setting: MemorizationSetting,
-    threshold: float,
-    *,
-    seed: int,
-    device: str,
-    show_progress: bool,
-    desc: str,
-) -> dict[str, Any]:
-    from gradand._combiners import AndMask, Mean
-    from gradand.experiments.jax_training import MLPSpec, train_classifier
-
+        torch.manual_seed(seed)
+        return mlp(n_in, n_out, **shape) if data.train_x.ndim == 2 else small_cnn(n_in, n_out)
     if data.train_x.ndim != 2:
+        name = "JAX" if backend == "jax" else "TensorFlow"
         raise ValueError(
-            "the JAX backend trains the MLP on flat inputs (digits); use --backend torch for CIFAR-10"
+            f"the {name} backend trains the MLP on flat inputs (digits); use --backend torch for CIFAR-10"
         )
-    model = MLPSpec(
-        in_features=data.train_x.shape[1],
-        out_features=data.n_classes,
-        hidden_units=setting.hidden_units,
-        hidden_layers=setting.hidden_layers,
-        activation="relu",
-    )
-    combiner = Mean() if threshold == 0 else AndMask(threshold=threshold, rescale=True)
-    return train_classifier(
-        model,
-        train_x=data.train_x[:, None],
-        train_y=train_y[:, None],
-        eval_sets={"train": (data.train_x, train_y), "test": (data.test_x, data.test_y)},
-        combiner=combiner,
-        loss="ce",
-        epochs=setting.epochs,
-        batch_size=1,
-        envs_per_step=setting.batch_size,
-        lr=setting.lr,
-        weight_decay=setting.weight_decay,
-        eval_every=setting.eval_every,
-        seed=seed,
-        device=device,
-        show_progress=show_progress,
-        desc=desc,
-    )
+    if backend == "jax":
+        from gradand.experiments.jax_training import MLPSpec
+
+        return MLPSpec(in_features=n_in, out_features=n_out, **shape)
+    from gradand.experiments.tf_training import build_mlp
+
+    return build_mlp(n_in, n_out, seed=seed, **shape)
 
 
-def _train_tensorflow(
+def _train(
+    backend: str,
     data: Dataset,
     train_y: np.ndarray,
     setting: MemorizationSetting,
@@ -322,23 +258,11 @@ def _train_tensorflow(
     desc: str,
 ) -> dict[str, Any]:
     from gradand._combiners import AndMask, Mean
-    from gradand.experiments.tf_training import build_mlp, train_classifier
 
-    if data.train_x.ndim != 2:
-        raise ValueError(
-            "the TensorFlow backend trains the MLP on flat inputs (digits); use --backend torch for CIFAR-10"
-        )
-    model = build_mlp(
-        data.train_x.shape[1],
-        data.n_classes,
-        hidden_units=setting.hidden_units,
-        hidden_layers=setting.hidden_layers,
-        activation="relu",
-        seed=seed,
-    )
+    train_classifier = importlib.import_module(_TRAINING_MODULES[backend]).train_classifier
     combiner = Mean() if threshold == 0 else AndMask(threshold=threshold, rescale=True)
     return train_classifier(
-        model,
+        _model(backend, data, setting, seed),
         train_x=data.train_x[:, None],
         train_y=train_y[:, None],
         eval_sets={"train": (data.train_x, train_y), "test": (data.test_x, data.test_y)},
@@ -358,7 +282,7 @@ def _train_tensorflow(
 
 
 #: Backends that can train this experiment, and their training function.
-TRAINERS = {"torch": _train_torch, "jax": _train_jax, "tensorflow": _train_tensorflow}
+TRAINERS = {name: functools.partial(_train, name) for name in _TRAINING_MODULES}
 
 
 def run(

@@ -22,10 +22,14 @@ training loops live with the backends (:mod:`gradand.experiments.torch_training`
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from gradand.experiments import TRAINING_MODULES as _TRAINING_MODULES
 
 __all__ = [
     "BASELINES",
@@ -308,7 +312,32 @@ def combiner_from(spec: tuple[str, dict[str, Any]]) -> Any:
 BASELINES: tuple[str, ...] = ("mean", "dropout", "batch_norm", "l1", "l2")
 
 
-def _train_torch(
+def _mlp(backend: str, d: int, train: TrainSetting, spec: dict[str, Any], seed: int) -> Any:
+    """The spirals MLP (d inputs, 1 logit) in ``backend``'s idiom."""
+    shape = dict(
+        hidden_units=train.hidden_units,
+        hidden_layers=train.hidden_layers,
+        dropout=spec["dropout"],
+        batch_norm=spec["batch_norm"],
+    )
+    if backend == "torch":
+        import torch
+
+        from gradand.experiments.torch_training import mlp
+
+        torch.manual_seed(seed)
+        return mlp(d, 1, **shape)
+    if backend == "jax":
+        from gradand.experiments.jax_training import MLPSpec
+
+        return MLPSpec(in_features=d, out_features=1, **shape)
+    from gradand.experiments.tf_training import build_mlp
+
+    return build_mlp(d, 1, seed=seed, **shape)
+
+
+def _train(
+    backend: str,
     data: SpiralsData,
     train: TrainSetting,
     spec: dict[str, Any],
@@ -318,115 +347,10 @@ def _train_torch(
     show_progress: bool,
     desc: str,
 ) -> dict[str, Any]:
-    import torch
-
-    from gradand.experiments.torch_training import mlp, train_classifier
-
-    torch.manual_seed(seed)
+    train_classifier = importlib.import_module(_TRAINING_MODULES[backend]).train_classifier
     d = data.train_x.shape[-1]
-    model = mlp(
-        d,
-        1,
-        hidden_units=train.hidden_units,
-        hidden_layers=train.hidden_layers,
-        dropout=spec["dropout"],
-        batch_norm=spec["batch_norm"],
-    )
     return train_classifier(
-        model,
-        train_x=data.train_x,
-        train_y=data.train_y,
-        eval_sets={
-            "train": (data.train_x.reshape(-1, d), data.train_y.reshape(-1)),
-            "test": (data.test_x, data.test_y),
-        },
-        combiner=combiner_from(spec["combiner"]),
-        loss="bce",
-        epochs=train.epochs,
-        batch_size=train.batch_size,
-        lr=train.lr,
-        weight_decay=spec["weight_decay"],
-        l1=spec["l1"],
-        lr_milestone=train.lr_milestone,
-        lr_decay=train.lr_decay,
-        eval_every=train.eval_every,
-        seed=seed,
-        device=device,
-        show_progress=show_progress,
-        desc=desc,
-    )
-
-
-def _train_jax(
-    data: SpiralsData,
-    train: TrainSetting,
-    spec: dict[str, Any],
-    *,
-    seed: int,
-    device: str,
-    show_progress: bool,
-    desc: str,
-) -> dict[str, Any]:
-    from gradand.experiments.jax_training import MLPSpec, train_classifier
-
-    d = data.train_x.shape[-1]
-    model = MLPSpec(
-        in_features=d,
-        out_features=1,
-        hidden_units=train.hidden_units,
-        hidden_layers=train.hidden_layers,
-        dropout=spec["dropout"],
-        batch_norm=spec["batch_norm"],
-    )
-    return train_classifier(
-        model,
-        train_x=data.train_x,
-        train_y=data.train_y,
-        eval_sets={
-            "train": (data.train_x.reshape(-1, d), data.train_y.reshape(-1)),
-            "test": (data.test_x, data.test_y),
-        },
-        combiner=combiner_from(spec["combiner"]),
-        loss="bce",
-        epochs=train.epochs,
-        batch_size=train.batch_size,
-        lr=train.lr,
-        weight_decay=spec["weight_decay"],
-        l1=spec["l1"],
-        lr_milestone=train.lr_milestone,
-        lr_decay=train.lr_decay,
-        eval_every=train.eval_every,
-        seed=seed,
-        device=device,
-        show_progress=show_progress,
-        desc=desc,
-    )
-
-
-def _train_tensorflow(
-    data: SpiralsData,
-    train: TrainSetting,
-    spec: dict[str, Any],
-    *,
-    seed: int,
-    device: str,
-    show_progress: bool,
-    desc: str,
-) -> dict[str, Any]:
-    from gradand.experiments.tf_training import build_mlp, train_classifier
-
-    d = data.train_x.shape[-1]
-    model = build_mlp(
-        d,
-        1,
-        hidden_units=train.hidden_units,
-        hidden_layers=train.hidden_layers,
-        dropout=spec["dropout"],
-        batch_norm=spec["batch_norm"],
-        seed=seed,
-    )
-    return train_classifier(
-        model,
+        _mlp(backend, d, train, spec, seed),
         train_x=data.train_x,
         train_y=data.train_y,
         eval_sets={
@@ -451,7 +375,7 @@ def _train_tensorflow(
 
 
 #: Backends that can train the spirals task, and their training function.
-TRAINERS = {"torch": _train_torch, "jax": _train_jax, "tensorflow": _train_tensorflow}
+TRAINERS = {name: functools.partial(_train, name) for name in _TRAINING_MODULES}
 
 
 def run(
