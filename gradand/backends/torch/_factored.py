@@ -132,8 +132,7 @@ def factored_backward(
     Cost: one forward, one backward without weight gradients, then per layer
     ``E·n·out·in`` multiply-adds (as many as ordinary training spends on the
     weight gradient) plus elementwise passes over ``E × parameters`` (the
-    statistics), and ``E × (largest layer)`` extra memory per chunk of
-    environments (``chunk_size``); per-example environments on linear layers
+    statistics), and ``chunk_size × (layer size)`` extra memory; per-example environments on linear layers
     need two matrix products instead of one and no extra ``E × parameters``
     memory. Conv2d layers additionally build their im2col patches
     (``kh·kw`` × the layer's input).
@@ -165,8 +164,10 @@ def factored_backward(
             makes every example its own environment).
         targets: ``(E, n, ...)``.
         combiner: ``gradand.Mean()``, ``gradand.AndMask(...)``, ...
-        chunk_size: environments per batched matrix product (``None``: all);
-            the result is the same, memory is ``chunk_size × (layer size)``.
+        chunk_size: environments per batched matrix product and statistics
+            pass; ``None`` picks, per layer, about 2 MiB of gradients (which
+            keeps them in cache: faster than all at once). The result is the
+            same; extra memory is ``chunk_size × (layer size)``.
         fallback: ``"batched"`` or ``"error"``, for parameters outside
             supported layers (see above).
         nan_policy: as in :func:`backward`.
@@ -350,7 +351,7 @@ def factored_backward(
                 continue
         factors = [(_layer_factors(c, delta_of[id(c)], n_env), kind) for c, kind in parts]
         s = gradand.Statistics()
-        for sl in _chunks(n_env, chunk_size):
+        for sl in _chunks(n_env, chunk_size or _auto_chunk(p)):
             g = None
             for (x, d), kind in factors:
                 gi = d[sl].transpose(1, 2) @ x[sl] if kind == "weight" else d[sl].sum(1)
@@ -373,6 +374,16 @@ def factored_backward(
         accumulate_grad(p, update)
         infos.append(detach_info(info))
     return losses.detach().mean(), infos
+
+
+#: Bytes of per-environment gradients per chunk when ``chunk_size`` is None: small enough that
+#: the batched product and the statistics passes over it stay in cache (measured on the spirals
+#: MLP, E=64: 2.1x a plain step unchunked, 1.5x in chunks of 8 environments of 256x256).
+_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def _auto_chunk(p: torch.Tensor) -> int:
+    return max(1, _CHUNK_BYTES // max(1, p.numel() * max(4, p.element_size())))
 
 
 def _chunks(n: int, chunk_size: int | None) -> list[slice]:
