@@ -340,11 +340,7 @@ def factored_backward(
                 s = gradand.Statistics()
                 for sl in _chunks(n_env, chunk_size):
                     if kind == "weight":
-                        try:
-                            o = gradand.outer_statistics(c.x[sl], d[sl], combiner, nan_policy=policy, xp=XP)
-                            s = s + o
-                        except ValueError as err:
-                            raise with_context(err, f"parameter {name!r} (shape {tuple(p.shape)})") from None
+                        s = s + _outer_stats(c.x[sl], d[sl], combiner, policy, name, p)
                     else:
                         s = s + _stats(d[sl], combiner, policy, name, p)
                 stats[id(p)] = s
@@ -416,6 +412,21 @@ def _stats(g: torch.Tensor, combiner: gradand.Combiner, policy: str, name: str, 
         s = gradand.statistics(g, combiner, axis=0, nan_policy="propagate", xp=_FAST_XP)
         if not bool(torch.stack([torch.isfinite(a).all() for a in s.arrays().values()]).all()):
             s = gradand.statistics(g, combiner, axis=0, nan_policy="raise", xp=XP)  # the core's error
+        return s
+    except ValueError as err:
+        raise with_context(err, f"parameter {name!r} (shape {tuple(p.shape)})") from None
+
+
+def _outer_stats(
+    x: torch.Tensor, d: torch.Tensor, combiner: gradand.Combiner, policy: str, name: str, p: torch.Tensor
+) -> Any:
+    """The core's :func:`gradand.outer_statistics`, with the "raise" check on the sums (as in _stats)."""
+    try:
+        if policy != "raise":
+            return gradand.outer_statistics(x, d, combiner, nan_policy=policy, xp=XP)
+        s = gradand.outer_statistics(x, d, combiner, nan_policy="propagate", xp=_FAST_XP)
+        if not bool(torch.isfinite(s.sum).all()):  # a NaN/Inf in x or d reaches Δᵀ X
+            s = gradand.outer_statistics(x, d, combiner, nan_policy="raise", xp=XP)
         return s
     except ValueError as err:
         raise with_context(err, f"parameter {name!r} (shape {tuple(p.shape)})") from None
