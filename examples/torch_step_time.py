@@ -58,6 +58,10 @@ def vectorised_chunked():
     gt.vmap_backward(model, F.cross_entropy, x, y, combiner, chunk_size=4)
 
 
+def factored():  # one forward, one backward to the layers' outputs, per-environment Δ_eᵀ X_e
+    gt.factored_backward(model, F.cross_entropy, x, y, combiner)
+
+
 strategies = {
     "plain averaging (loss.backward)": plain,
     "streaming gt.backward, separate forwards": streaming_separate_forwards,
@@ -65,6 +69,7 @@ strategies = {
     "vectorised gt.vmap_backward": vectorised,
     "vectorised, nan_policy='propagate'": vectorised_no_nan_check,
     "vectorised, chunk_size=4": vectorised_chunked,
+    "factored gt.factored_backward": factored,
 }
 
 

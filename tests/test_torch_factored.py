@@ -299,3 +299,22 @@ def test_invalid_arguments_raise_with_the_offending_value(kwargs, match):
         gt.factored_backward(
             model, args["loss_fn"], args["inputs"], args["targets"], gradand.AndMask(), **rest
         )
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_grad_scaler_is_undone_before_combining(n):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).double()
+    x, y = data(6, n)
+    c = gradand.SandMask(threshold=0.4, k=2.0)  # not scale-equivariant: a missing unscale would show
+    a, b = clone(model), clone(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    gt.factored_backward(a, F.cross_entropy, x, y, c, grad_scaler=scaler)
+    gt.factored_backward(b, F.cross_entropy, x, y, c)
+    for p, q in zip(a.parameters(), b.parameters()):
+        np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy() * 2.0**12, rtol=1e-9, atol=1e-12)
+    x[1, 0, 0] = float("inf")
+    for p in a.parameters():
+        p.grad = None
+    gt.factored_backward(a, F.cross_entropy, x, y, c, grad_scaler=scaler)  # no raise: the scaler skips
+    assert not torch.isfinite(a[0].weight.grad).all()
