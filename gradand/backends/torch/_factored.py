@@ -350,7 +350,12 @@ def factored_backward(
         for sl in _chunks(n_env, chunk_size or _auto_chunk(p)):
             g = None
             for (x, d), kind in factors:
-                gi = d[sl].transpose(1, 2) @ x[sl] if kind == "weight" else d[sl].sum(1)
+                if kind == "bias":
+                    gi = d[sl].sum(1)
+                elif x.shape[-1] < d.shape[-1]:  # narrow inputs: (in, out) products are faster on CPU
+                    gi = (x[sl].mT @ d[sl]).mT.contiguous()
+                else:
+                    gi = d[sl].mT @ x[sl]
                 g = gi if g is None else g + gi
             g = g.reshape(g.shape[0], *p.shape)
             s = s + _stats(unscale(g, scale), combiner, policy, name, p)
