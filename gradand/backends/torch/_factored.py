@@ -132,10 +132,17 @@ def factored_backward(
     Cost: one forward, one backward without weight gradients, then per layer
     ``E·n·out·in`` multiply-adds (as many as ordinary training spends on the
     weight gradient) plus elementwise passes over ``E × parameters`` (the
-    statistics), and ``chunk_size × (layer size)`` extra memory; per-example environments on linear layers
-    need two matrix products instead of one and no extra ``E × parameters``
-    memory. Conv2d layers additionally build their im2col patches
-    (``kh·kw`` × the layer's input).
+    statistics, in cache-sized chunks of environments), and
+    ``chunk_size × (layer size)`` extra memory. Per-example environments on
+    linear layers need two matrix products instead of one and no
+    ``E × parameters`` array. Conv2d layers also build their im2col patches
+    (``kh·kw`` × the layer's input). ``nan_policy="raise"`` checks the summed
+    statistics (a NaN or Inf in any environment reaches them) and, only when
+    they are not finite, reruns the core's check for its error message.
+    Measured on the spirals MLP (CPU, 1 thread, under load), as a ratio to a
+    plain-averaging step: 1.13 for 16 environments × 256, 1.37 for 64 × 64,
+    3.0 for 128 examples each its own environment (there the fixed
+    per-tensor cost of :func:`gradand.finalize` is about one plain step).
 
     Requirements, as for :func:`vmap_backward`: examples must not interact in
     the forward pass, so BatchNorm in train mode raises ``ValueError``; the
