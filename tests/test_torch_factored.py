@@ -318,3 +318,18 @@ def test_grad_scaler_is_undone_before_combining(n):
         p.grad = None
     gt.factored_backward(a, F.cross_entropy, x, y, c, grad_scaler=scaler)  # no raise: the scaler skips
     assert not torch.isfinite(a[0].weight.grad).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n", [1, 4])
+def test_on_cuda_equals_the_cpu_result(n):
+    model = mlp()
+    x, y = data(8, n)
+    c = gradand.AndMask(threshold=0.6)
+    gt.factored_backward(cpu := clone(model), F.cross_entropy, x, y, c)
+    gpu = clone(model).cuda()
+    loss, infos = gt.factored_backward(gpu, F.cross_entropy, x.cuda(), y.cuda(), c)
+    assert loss.device.type == "cuda" and infos[0].agreement.device.type == "cuda"
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        np.testing.assert_allclose(q.grad.cpu().numpy(), p.grad.numpy(), rtol=1e-7, atol=1e-10)

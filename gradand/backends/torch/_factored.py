@@ -172,8 +172,9 @@ def factored_backward(
         targets: ``(E, n, ...)``.
         combiner: ``gradand.Mean()``, ``gradand.AndMask(...)``, ...
         chunk_size: environments per batched matrix product and statistics
-            pass; ``None`` picks, per layer, about 2 MiB of gradients (which
-            keeps them in cache: faster than all at once). The result is the
+            pass; ``None`` picks, on CPU, about 2 MiB of gradients per layer
+            (which keeps them in cache: faster than all at once), and all
+            environments at once on other devices. The result is the
             same; extra memory is ``chunk_size × (layer size)``.
         fallback: ``"batched"`` or ``"error"``, for parameters outside
             supported layers (see above).
@@ -354,7 +355,7 @@ def factored_backward(
                 continue
         factors = [(_layer_factors(c, delta_of[id(c)], n_env), kind) for c, kind in parts]
         s = gradand.Statistics()
-        for sl in _chunks(n_env, chunk_size or _auto_chunk(p)):
+        for sl in _chunks(n_env, chunk_size or _auto_chunk(p, n_env)):
             g = None
             for (x, d), kind in factors:
                 if kind == "bias":
@@ -390,7 +391,9 @@ def factored_backward(
 _CHUNK_BYTES = 2 * 1024 * 1024
 
 
-def _auto_chunk(p: torch.Tensor) -> int:
+def _auto_chunk(p: torch.Tensor, n_env: int) -> int:
+    if p.device.type != "cpu":  # accelerators: one batched product, no cache to fit
+        return n_env
     return max(1, _CHUNK_BYTES // max(1, p.numel() * max(4, p.element_size())))
 
 
