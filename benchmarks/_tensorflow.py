@@ -1,0 +1,118 @@
+"""TensorFlow strategies: a plain ``tf.function`` step, ``combined_gradients(method="loop")`` and
+``vectorized_statistics``, each inside ``tf.function`` with a Keras model and Adam."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+from _common import COMBINER, Workload, data
+
+import gradand.backends.tensorflow as gtf
+
+PLAIN = "plain averaging"
+
+
+def configure(threads: int) -> None:
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.get_logger().setLevel("ERROR")
+
+
+def versions() -> dict[str, str]:
+    return {"tensorflow": tf.__version__, "keras": keras.__version__}
+
+
+def model_for(w: Workload) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    if w.model == "mlp":
+        body = [keras.layers.Dense(w.hidden, activation="relu") for _ in range(w.layers)]
+        return keras.Sequential([keras.Input((w.inputs,)), *body, keras.layers.Dense(1)])
+    return keras.Sequential([
+        keras.Input((w.image, w.image, 3)),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(), keras.layers.Dense(w.classes),
+    ])  # fmt: skip
+
+
+def strategies(w: Workload, device: str) -> dict[str, Callable[[], object]]:
+    if device != "cpu":
+        raise SystemExit(
+            "the TensorFlow part runs on CPU only (tensorflow-cpu); use --frameworks torch,jax on CUDA"
+        )
+    xs, ys = data(w)
+    if w.model == "cnn":
+        xs = xs.transpose(0, 1, 3, 4, 2)  # NHWC
+    x, y = tf.constant(xs), tf.constant(ys)
+    E = w.envs
+    flat_x, flat_y = tf.reshape(x, (-1, *x.shape[2:])), tf.reshape(y, (-1, *y.shape[2:]))
+
+    def loss_of(model: keras.Model, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        out = model(a, training=True)
+        if w.model == "mlp":
+            return tf.reduce_mean(keras.losses.binary_crossentropy(b, out, from_logits=True))
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(b, out, from_logits=True))
+
+    def plain() -> Callable[[], object]:
+        model, opt = model_for(w), keras.optimizers.Adam(1e-3)
+
+        @tf.function
+        def step() -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                loss = loss_of(model, flat_x, flat_y)
+            opt.apply_gradients(
+                zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+            )
+            return loss
+
+        return step
+
+    def loop() -> Callable[[], object]:
+        model, opt = model_for(w), keras.optimizers.Adam(1e-3)
+
+        @tf.function
+        def step() -> tf.Tensor:
+            with tf.GradientTape(persistent=True) as tape:
+                losses = [loss_of(model, x[e], y[e]) for e in range(E)]
+            grads, _ = gtf.combined_gradients(
+                tape, losses, model.trainable_variables, COMBINER, method="loop"
+            )
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+            return losses[0]
+
+        return step
+
+    def vectorized() -> Callable[[], object]:
+        model, opt = model_for(w), keras.optimizers.Adam(1e-3)
+        variables = model.trainable_variables
+
+        @tf.function
+        def step() -> tf.Tensor:
+            stats = gtf.vectorized_statistics(lambda a, b: loss_of(model, a, b), variables, (x, y), COMBINER)
+            grads, _ = gtf.finalize_gradients(stats, COMBINER)
+            opt.apply_gradients(zip(grads, variables))
+            return grads[0]
+
+        return step
+
+    return {
+        PLAIN: plain(),
+        'gradand combined_gradients(method="loop")': loop(),
+        "gradand vectorized_statistics": vectorized(),
+    }
+
+
+def sync(out: object) -> None:
+    for t in tf.nest.flatten(out):
+        if hasattr(t, "numpy"):
+            t.numpy()
+
+
+def peak_memory(w: Workload, strategy: str, device: str) -> float:
+    step = strategies(w, device)[strategy]
+    for _ in range(3):
+        sync(step())
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -1,0 +1,159 @@
+"""PyTorch strategies: plain averaging, gradand's backends and the baselines written here."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+
+import torch
+from _common import COMBINER, Workload, data
+
+import gradand
+from gradand.backends import torch as gt
+
+F = torch.nn.functional
+PLAIN = "plain averaging"
+
+
+def configure(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+
+
+def versions() -> dict[str, str]:
+    return {"torch": torch.__version__}
+
+
+def model_for(w: Workload) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if w.model == "mlp":
+        layers: list[torch.nn.Module] = []
+        width = w.inputs
+        for _ in range(w.layers):
+            layers += [torch.nn.Linear(width, w.hidden), torch.nn.ReLU()]
+            width = w.hidden
+        return torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
+    flat = 32 * (w.image // 4) ** 2
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(flat, w.classes),
+    )  # fmt: skip
+
+
+def loss_for(w: Workload) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return F.binary_cross_entropy_with_logits if w.model == "mlp" else F.cross_entropy
+
+
+def _write_combined(params: list[torch.Tensor], per_env: list[list[torch.Tensor]]) -> None:
+    """Baselines: stack each parameter's per-environment gradients and combine them with the core."""
+    for p, grads in zip(params, per_env):
+        stacked = grads if isinstance(grads, torch.Tensor) else torch.stack(grads)
+        p.grad = gradand.combine(stacked, COMBINER)
+
+
+def strategies(w: Workload, device: str) -> dict[str, Callable[[], object]]:
+    """One full training step per strategy (zero_grad, forward, gradients, combine, Adam step)."""
+    xs, ys = data(w)
+    x, y = torch.from_numpy(xs).to(device), torch.from_numpy(ys).to(device)
+    E = w.envs
+    flat_x, flat_y = x.reshape(E * w.examples, *x.shape[2:]), y.reshape(E * w.examples, *y.shape[2:])
+    loss_fn = loss_for(w)
+    chunk = max(1, E // 4)
+
+    def plain(model, params):
+        loss = loss_fn(model(flat_x), flat_y)
+        loss.backward()
+        return loss
+
+    def micro_batches(model, params):  # ordinary training split into E micro-batches (gradient accumulation)
+        for e in range(E):
+            (loss_fn(model(x[e]), y[e]) / E).backward()
+
+    def streaming(model, params):
+        gt.backward([loss_fn(model(x[e]), y[e]) for e in range(E)], params, COMBINER)
+
+    def vmap(model, params):
+        return gt.vmap_backward(model, loss_fn, x, y, COMBINER)[0]
+
+    def vmap_chunked(model, params):
+        return gt.vmap_backward(model, loss_fn, x, y, COMBINER, chunk_size=chunk)[0]
+
+    def factored(model, params):
+        return gt.factored_backward(model, loss_fn, x, y, COMBINER)[0]
+
+    def retain_graph_loop(model, params):  # the paper's reference code: E backward passes over one forward
+        out = model(flat_x)
+        out = out.reshape(E, w.examples, *out.shape[1:])
+        losses = [loss_fn(out[e], y[e]) for e in range(E)]
+        grads = [torch.autograd.grad(losses[e], params, retain_graph=e < E - 1) for e in range(E)]
+        _write_combined(params, [list(g) for g in zip(*grads)])
+
+    def forward_loop(model, params):  # DomainBed style: a forward and a backward per environment
+        grads = [torch.autograd.grad(loss_fn(model(x[e]), y[e]), params) for e in range(E)]
+        _write_combined(params, [list(g) for g in zip(*grads)])
+
+    def stacked_jacobian(model, params):  # TorchJD style: one batched backward of the E losses
+        out = model(flat_x)
+        out = out.reshape(E, w.examples, *out.shape[1:])
+        losses = torch.stack([loss_fn(out[e], y[e]) for e in range(E)])
+        eye = torch.eye(E, device=losses.device, dtype=losses.dtype)
+        jac = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True)
+        _write_combined(params, list(jac))
+
+    fns = {
+        PLAIN: plain,
+        f"plain, {E} micro-batches": micro_batches,
+        "gradand backward (streaming, forward per env)": streaming,
+        "gradand vmap_backward": vmap,
+        f"gradand vmap_backward(chunk_size={chunk})": vmap_chunked,
+    }
+    if hasattr(gt, "factored_backward"):
+        fns["gradand factored_backward"] = factored
+    fns |= {
+        "baseline: retain_graph loop (reference code)": retain_graph_loop,
+        "baseline: forward+backward per env (DomainBed)": forward_loop,
+        "baseline: stacked Jacobian (TorchJD)": stacked_jacobian,
+    }
+    steps = {}
+    for name, fn in fns.items():
+        model = model_for(w).to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-3)
+        steps[name] = _step(fn, model, params, opt)
+    return steps
+
+
+def _step(fn, model, params, opt) -> Callable[[], object]:
+    def step() -> object:
+        opt.zero_grad(set_to_none=True)
+        fn(model, params)
+        opt.step()
+        return params[0]
+
+    return step
+
+
+def sync(out: object) -> None:
+    if isinstance(out, torch.Tensor) and out.is_cuda:
+        torch.cuda.synchronize()
+
+
+def peak_memory(w: Workload, strategy: str, device: str) -> float:
+    """Peak memory in bytes of a process (CPU: ``ru_maxrss``) or of CUDA allocations running ``strategy``."""
+    step = strategies(w, device)[strategy]
+    if device.startswith("cuda"):
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - before)
+    for _ in range(3):
+        step()
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
