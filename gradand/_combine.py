@@ -97,23 +97,25 @@ def finalize(stats: Statistics, combiner: Combiner, *, return_info: bool = False
     xp = array_namespace(first, xp=xp, name="stats")
     direction = combiner.direction(stats, xp)
     mask = combiner.mask(stats, xp)
+    numel = math.prod(direction.shape)
     if mask is None:
         update = direction
         survivors = None
     else:
-        update = mask * direction
-        survivors = xp.sum(mask)
+        hard = mask.dtype == xp.bool
+        weights = xp.astype(mask, direction.dtype) if hard else mask
+        survivors = xp.sum(weights)
         if combiner.rescale:
-            numel = math.prod(direction.shape)
             alive = survivors > 0
             safe = xp.where(alive, survivors, xp.ones_like(survivors))
             scale = xp.where(alive, numel / safe, xp.zeros_like(survivors))
-            update = update * scale
+            direction = direction * scale
+        # a hard mask selects (masked entries are +0, never -0 or NaN); a soft one weighs
+        update = xp.where(mask, direction, xp.zeros_like(direction)) if hard else mask * direction
     if update.dtype != stats.dtype:
         update = xp.astype(update, stats.dtype)
     if not return_info:
         return update
-    numel = math.prod(direction.shape)
     # 0-d results are built from reductions so they land on the gradients' device
     if stats.sign_sum is not None:
         mean_agreement = xp.sum(agreement_from(stats, xp)) / numel

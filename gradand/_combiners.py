@@ -54,14 +54,14 @@ def agreement_from(stats: Statistics, xp: Any) -> Any:
 
 
 def hard_mask(stats: Statistics, threshold: float, xp: Any) -> Any:
-    """``1[agreement >= threshold]`` as a float array.
+    """``agreement >= threshold`` as a boolean array, i.e. ``|Σ sign(g)| >= threshold · E``.
 
     ``Σ sign(g)`` holds integers exactly, so every entry point (dense,
-    streaming, merged, all-reduced) compares the very same number.
+    streaming, merged, all-reduced) compares the very same number; comparing
+    the count with ``threshold · E`` (a Python scalar takes the array's dtype)
+    also saves dividing the whole tensor by ``E``.
     """
-    a = agreement_from(stats, xp)
-    keep = a >= threshold  # a Python scalar takes the array's dtype and device
-    return xp.astype(keep, a.dtype)
+    return xp.abs(stats.sign_sum) >= threshold * stats.count
 
 
 class Combiner(abc.ABC):
@@ -91,7 +91,8 @@ class Combiner(abc.ABC):
         """The unmasked update direction (e.g. the mean gradient)."""
 
     def mask(self, stats: Statistics, xp: Any) -> Any | None:
-        """The mask in [0, 1] with the gradient's shape, or ``None`` for all ones."""
+        """The mask with the gradient's shape: boolean (keep or drop), or float in [0, 1]
+        (a soft mask), or ``None`` for all ones."""
         return None
 
 
