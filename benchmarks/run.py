@@ -200,7 +200,8 @@ def machine() -> dict:
 def markdown(result: dict) -> str:
     lines = [
         f"Command: `{result['command']}`  ",
-        f"Started {result['started']}; load average at start {result['load_average_start']}; "
+        f"Started {result['started']}; load average at start {result['load_average_start']}"
+        f"{'' if result.get('load_average_end') is None else ', at end ' + str(result['load_average_end'])}; "
         f"{result['threads']} thread(s); device {result['device']}; "
         f"{result['rounds']} interleaved rounds, medians.  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + "  ",
@@ -305,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     result = {
         "schema": SCHEMA, "command": shlex.join(["python", "benchmarks/run.py", *given]),
-        "started": started, "load_average_start": round(load, 2), "threads": args.threads,
+        "started": started, "load_average_start": round(load, 2),
+        "load_average_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "threads": args.threads,
         "device": args.device, "rounds": args.rounds, "quick": args.quick, "machine": machine(),
         "versions": versions, "skipped_frameworks": skipped, "errors": errors, "rows": rows,
     }  # fmt: skip
