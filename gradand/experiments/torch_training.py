@@ -1,7 +1,7 @@
 """The experiments' training loops in PyTorch, on :mod:`gradand.backends.torch`.
 
 Per-environment gradients are combined by the backend
-(:func:`gradand.backends.torch.vmap_backward`, :func:`gradand.backends.torch.backward`);
+(:func:`gradand.backends.torch.factored_backward`, :func:`gradand.backends.torch.backward`);
 nothing here computes a mask. Plain averaging (``Mean``) needs no
 per-environment gradient: the gradient of the mean loss over equally sized
 environments *is* the mean of their gradients, so the averaging baselines
@@ -206,7 +206,8 @@ def train_classifier(
         eval_sets: name → (inputs (N, ...), labels (N,)) evaluated every
             ``eval_every`` epochs and at the end.
         combiner: ``Mean()`` trains on ``loss.backward()`` of the mean loss;
-            anything else goes through :func:`gradand.backends.torch.vmap_backward`.
+            anything else goes through :func:`gradand.backends.torch.factored_backward`
+            (one forward and one backward; per-environment gradients per layer).
         loss: ``"bce"`` (one logit) or ``"ce"`` (class logits).
         epochs, batch_size, lr, weight_decay, l1, lr_milestone, lr_decay: as above.
         envs_per_step: environments per step (``None``: all).
@@ -310,7 +311,7 @@ def train_classifier(
                 out = model(xb.reshape(-1, *xb.shape[2:]))
                 loss_fn(out, yb.reshape(-1, *yb.shape[2:])).backward()
             else:
-                _, infos = gt.vmap_backward(model, loss_fn, xb, yb, combiner)
+                _, infos = gt.factored_backward(model, loss_fn, xb, yb, combiner)
                 survivors.append(_weighted_survivors(infos, sizes))
             if l1 > 0:
                 with torch.no_grad():
