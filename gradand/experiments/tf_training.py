@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - exercised only without tensorflow
 
 from gradand._combiners import Combiner, Mean
 from gradand.experiments._report import progress
+from gradand.experiments._schedule import schedule as epoch_schedule
 
 __all__ = ["build_mlp", "resolve_device", "train_classifier", "train_patchwork"]
 
@@ -161,17 +162,7 @@ def train_classifier(
     if loss not in ("bce", "ce"):
         raise ValueError(f"loss must be 'bce' or 'ce'; got {loss!r}")
     n_envs, n_per_env = train_x.shape[0], train_x.shape[1]
-    batches_per_epoch = n_per_env // batch_size
-    if batches_per_epoch < 1:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than the {n_per_env} examples per environment; "
-            f"need batch_size <= examples per environment"
-        )
-    group = n_envs if envs_per_step is None else envs_per_step
-    if not 1 <= group <= n_envs:
-        raise ValueError(f"envs_per_step must be in [1, {n_envs}] (the number of environments); got {group}")
-    groups_per_epoch = n_envs // group
-    steps_per_epoch = batches_per_epoch * groups_per_epoch
+    _, group, groups_per_epoch, steps_per_epoch = epoch_schedule(n_envs, n_per_env, batch_size, envs_per_step)
     use_mean = isinstance(combiner, Mean)
     label_dtype = tf.float32 if loss == "bce" else tf.int32
 
