@@ -11,6 +11,7 @@ from strategies import combiners, stacked_grads, thresholds
 
 import gradand
 
+
 def sum_tol(g):
     """Absolute rounding error a different summation order may make (bound ~ E·eps·max|g|), times
     the largest rescaling factor (numel): the sums are order-dependent in floating point, the
