@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shortcut-scale", type=float, help="standard deviation of the shortcut vectors")
     sp.add_argument("--revolutions", type=_positive_float, help="turns of each spiral")
     sp.add_argument("--epochs", type=_positive_int("--epochs"), help="training epochs")
+    sp.add_argument(
+        "--jobs",
+        type=_positive_int("--jobs"),
+        help="runs (method x seed) trained side by side in worker processes (default: one per CPU "
+        "core on cpu, 1 on an accelerator or with --quick); --threads is then per worker "
+        "(default: the cores split between workers)",
+    )
 
     mem = experiments.add_parser(
         "memorization",
@@ -371,6 +378,8 @@ def _spirals(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -> 
             show_progress=not args.no_progress,
             preset_name=label,
             log=_log(args),
+            jobs=1 if args.quick and args.jobs is None else args.jobs,
+            threads=args.threads,
         )
 
     return ("spirals" if name == "reference" else f"spirals-{name}"), go
@@ -556,23 +565,9 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def _set_threads(backend: str, n: int) -> None:
-    if backend == "torch":
-        import torch
+    from gradand.experiments._parallel import set_threads
 
-        torch.set_num_threads(n)
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(n)
-            tf.config.threading.set_inter_op_parallelism_threads(n)
-        except RuntimeError:  # already initialised (in-process reuse)
-            pass
-    elif backend == "jax" and "jax" not in sys.modules:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}"
-        )
+    set_threads(backend, n)
 
 
 def _threads(backend: str) -> int | None:

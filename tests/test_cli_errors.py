@@ -41,6 +41,8 @@ def _fails(capsys, argv, *needles):
         (["reproduce", "spirals", "--methods", "mean,lasso"], ["--methods", "lasso"]),
         (["reproduce", "spirals", "--quick", "--preset", "paper"], ["--quick and --preset paper disagree"]),
         (["reproduce", "spirals", "--epochs", "0"], ["--epochs", "must be >= 1"]),
+        (["reproduce", "spirals", "--jobs", "0"], ["--jobs", "must be >= 1"]),
+        (["reproduce", "spirals", "--jobs", "two"], ["--jobs"]),
         (["reproduce", "spirals", "--shortcut-dims", "-2"], ["--shortcut-dims -2"]),
         (["reproduce", "spirals", "--shortcut-scale", "nan"], ["shortcut_scale must be a finite number"]),
         (["reproduce", "memorization", "--n-train", "10"], ["--n-train 10 is smaller than one batch"]),

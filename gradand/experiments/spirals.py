@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradand.experiments import TRAINING_MODULES as _TRAINING_MODULES
+from gradand.experiments._parallel import run_jobs, worker_plan
+from gradand.experiments._report import progress
 
 __all__ = [
     "BASELINES",
@@ -378,6 +380,28 @@ def _train(
 TRAINERS = {name: functools.partial(_train, name) for name in _TRAINING_MODULES}
 
 
+def _run_one(
+    backend: str,
+    setting: SpiralsSetting,
+    train: TrainSetting,
+    method: str,
+    seed: int,
+    device: str,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """One (method, seed) run; module-level so that worker processes can run it."""
+    return _train(
+        backend,
+        setting.make(seed),
+        train,
+        train.methods()[method],
+        seed=seed,
+        device=device,
+        show_progress=show_progress,
+        desc=f"spirals {method} seed {seed}",
+    )
+
+
 def run(
     setting: SpiralsSetting,
     train: TrainSetting,
@@ -389,6 +413,8 @@ def run(
     show_progress: bool = True,
     preset_name: str = "custom",
     log: Any = None,
+    jobs: int | None = 1,
+    threads: int | None = None,
 ) -> Any:
     """Train every method on every seed and test the paper's claims.
 
@@ -397,6 +423,14 @@ def run(
     Seed ``s`` generates the data (``make_spirals(seed=s)``) and initialises
     the model; all methods see the same data and initialisation for a seed.
     ``log(message)``, when given, receives one line per finished run.
+
+    The runs (method × seed) are independent: ``jobs`` worker processes run
+    them side by side, each with ``threads`` CPU threads
+    (:func:`gradand.experiments._parallel.worker_plan`: ``jobs=None`` is one
+    worker per CPU on ``cpu``, ``threads=None`` splits the CPUs between
+    workers). A run's numbers depend on its thread count, not on which
+    worker runs it. With several workers, per-run progress bars are replaced
+    by one bar over runs.
 
     Example:
         >>> from gradand.experiments.spirals import SpiralsSetting, TrainSetting, run
@@ -416,32 +450,48 @@ def run(
     unknown = [m for m in methods if m not in table_methods]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {list(table_methods)}; got {list(methods)}")
-    trainer = TRAINERS[backend]
     per_method: dict[str, dict[str, Any]] = {
         m: {"train_acc": [], "test_acc": [], "survivor_fraction": [], "curves": []} for m in methods
     }
-    for seed in seeds:
-        data = setting.make(seed)
-        for m in methods:
-            out = trainer(
-                data,
-                train,
-                table_methods[m],
-                seed=seed,
-                device=device,
-                show_progress=show_progress,
-                desc=f"spirals {m} seed {seed}",
+    runs = [(seed, m) for seed in seeds for m in methods]
+    workers, threads = worker_plan(len(runs), jobs, threads, device)
+    # Longest runs first (the per-environment methods), so that workers finish together.
+    order = sorted(range(len(runs)), key=lambda i: table_methods[runs[i][1]]["combiner"][0] == "mean")
+    bar = progress(
+        range(len(runs)), total=len(runs), desc="spirals runs", enabled=show_progress and workers > 1
+    )
+    ticks = iter(bar)
+
+    def done(k: int, out: dict[str, Any]) -> None:
+        next(ticks, None)
+        seed, m = runs[order[k]]
+        if log is not None:
+            log(
+                f"spirals {m} seed {seed}: train {out['final']['train']:.3f} "
+                f"test {out['final']['test']:.3f} ({out['seconds']:.1f} s)"
             )
-            r = per_method[m]
-            if log is not None:
-                log(
-                    f"spirals {m} seed {seed}: train {out['final']['train']:.3f} "
-                    f"test {out['final']['test']:.3f} ({out['seconds']:.1f} s)"
-                )
-            r["train_acc"].append(out["final"]["train"])
-            r["test_acc"].append(out["final"]["test"])
-            r["survivor_fraction"].append(out["survivor_fraction"])
-            r["curves"].append(out["curve"])
+
+    outs = run_jobs(
+        _run_one,
+        [
+            (backend, setting, train, runs[i][1], runs[i][0], device, show_progress and workers == 1)
+            for i in order
+        ],
+        workers=workers,
+        backend=backend,
+        threads=threads,
+        on_done=done,
+    )
+    if hasattr(bar, "close"):
+        bar.close()
+    by_run = {runs[i]: out for i, out in zip(order, outs)}
+    for seed, m in runs:
+        out, r = by_run[(seed, m)], per_method[m]
+        r["train_acc"].append(out["final"]["train"])
+        r["test_acc"].append(out["final"]["test"])
+        r["survivor_fraction"].append(out["survivor_fraction"])
+        r["curves"].append(out["curve"])
+        r.setdefault("seconds", []).append(out["seconds"])
     rows = []
     for m, r in per_method.items():
         r["train_mean"], r["train_std"] = mean_std(r["train_acc"])
@@ -533,5 +583,7 @@ def run(
         "seeds": list(seeds),
         "backend": backend,
         "device": device,
+        "workers": workers,
+        "threads_per_worker": threads,
     }
     return Report("spirals", config, {"methods": per_method}, checks, table, draw, notes)

@@ -1,0 +1,143 @@
+"""Independent training runs in worker processes, one CPU thread budget each.
+
+The experiments train many small models (methods × seeds) whose steps are
+dominated by matrix products too small to use several cores well: two
+processes with one thread each finish a batch of runs about twice as fast as
+one process with two threads. Workers are *spawned* (not forked: torch,
+TensorFlow and XLA keep thread pools that do not survive a fork) and set
+their framework's thread count before any work, so a run computes the same
+numbers whichever worker runs it, given the same thread count.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["available_cpus", "run_jobs", "set_threads", "worker_plan"]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one).
+
+    Example:
+        >>> from gradand.experiments._parallel import available_cpus
+        >>> available_cpus() >= 1
+        True
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_plan(n_jobs: int, jobs: int | None, threads: int | None, device: str) -> tuple[int, int | None]:
+    """``(workers, threads per worker)`` for ``n_jobs`` runs.
+
+    ``jobs=None`` picks one worker per available CPU on ``cpu`` (at most
+    ``n_jobs``) and one worker on an accelerator; ``threads=None`` then
+    splits the CPUs evenly between workers (``None`` with one worker: the
+    framework's default).
+
+    Example:
+        >>> from gradand.experiments._parallel import worker_plan
+        >>> worker_plan(24, 2, None, "cpu")
+        (2, 1)
+        >>> worker_plan(24, 1, None, "cpu")
+        (1, None)
+        >>> worker_plan(3, 8, 2, "cpu")
+        (3, 2)
+    """
+    if jobs is None:
+        jobs = available_cpus() if device == "cpu" else 1
+    workers = max(1, min(int(jobs), int(n_jobs)))
+    if threads is None and workers > 1:
+        threads = max(1, available_cpus() // workers)
+    return workers, threads
+
+
+def set_threads(backend: str, n: int) -> None:
+    """Pin ``backend``'s CPU thread count to ``n`` (before its first computation).
+
+    JAX reads its flags when it is imported: after that, this has no effect
+    on JAX (the thread count stays XLA's choice).
+
+    Example:
+        >>> from gradand.experiments._parallel import set_threads
+        >>> set_threads("numpy", 1)  # numpy: nothing to pin
+    """
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(n)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(n)
+        except RuntimeError:  # already initialised (in-process reuse)
+            pass
+    elif backend == "jax" and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}"
+        )
+
+
+def _init_worker(backend: str, threads: int | None) -> None:
+    if threads is not None:
+        set_threads(backend, threads)
+
+
+def run_jobs(
+    fn: Callable[..., Any],
+    jobs: Sequence[tuple[Any, ...]],
+    *,
+    workers: int,
+    backend: str,
+    threads: int | None,
+    on_done: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
+    """``[fn(*job) for job in jobs]``, in ``workers`` spawned processes; results in ``jobs`` order.
+
+    ``fn`` must be a module-level function and every job picklable. With one
+    worker everything runs in this process (its thread count pinned when
+    ``threads`` is given). ``on_done(index, result)`` is called in this
+    process as each job finishes. The first job that raises cancels the
+    jobs not yet started and its exception propagates.
+
+    Example:
+        >>> from gradand.experiments._parallel import run_jobs
+        >>> run_jobs(pow, [(2, 3), (3, 2)], workers=1, backend="numpy", threads=None)
+        [8, 9]
+    """
+    results: list[Any] = [None] * len(jobs)
+    if workers <= 1:
+        _init_worker(backend, threads)
+        for i, job in enumerate(jobs):
+            results[i] = fn(*job)
+            if on_done is not None:
+                on_done(i, results[i])
+        return results
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(backend, threads)
+    ) as pool:
+        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+        try:
+            for future in cf.as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                if on_done is not None:
+                    on_done(i, results[i])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return results
