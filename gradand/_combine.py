@@ -101,24 +101,28 @@ def finalize(stats: Statistics, combiner: Combiner, *, return_info: bool = False
     if mask is None:
         update = direction
         survivors = None
-    else:
-        hard = mask.dtype == xp.bool
-        weights = xp.astype(mask, direction.dtype) if hard else mask
-        survivors = xp.sum(weights)
+    elif mask.dtype == xp.bool:
+        # an exact integer count of survivors, cast once (not the whole mask)
+        survivors = xp.astype(xp.count_nonzero(mask), direction.dtype)
+        if combiner.rescale:
+            # with no survivor every entry is masked below, whatever the scale: only avoid 1/0
+            direction = direction * (numel / xp.maximum(survivors, xp.ones_like(survivors)))
+        # a hard mask selects: masked entries are +0, never -0 or NaN
+        update = xp.where(mask, direction, xp.zeros_like(direction))
+    else:  # a soft mask weighs
+        survivors = xp.sum(mask)
         if combiner.rescale:
             alive = survivors > 0
             safe = xp.where(alive, survivors, xp.ones_like(survivors))
-            scale = xp.where(alive, numel / safe, xp.zeros_like(survivors))
-            direction = direction * scale
-        # a hard mask selects (masked entries are +0, never -0 or NaN); a soft one weighs
-        update = xp.where(mask, direction, xp.zeros_like(direction)) if hard else mask * direction
+            direction = direction * xp.where(alive, numel / safe, xp.zeros_like(survivors))
+        update = mask * direction
     if update.dtype != stats.dtype:
         update = xp.astype(update, stats.dtype)
     if not return_info:
         return update
     # 0-d results are built from reductions so they land on the gradients' device
-    if stats.sign_sum is not None:
-        mean_agreement = xp.sum(agreement_from(stats, xp)) / numel
+    if stats.sign_sum is not None:  # mean over components of |Σ sign| / E, with one full-size pass
+        mean_agreement = xp.sum(xp.abs(stats.sign_sum)) / (stats.count * numel)
     else:  # a custom combiner without sign statistics
         mean_agreement = xp.sum(direction) * float("nan")
     fraction = xp.ones_like(mean_agreement) if survivors is None else survivors / numel

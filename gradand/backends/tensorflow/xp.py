@@ -40,6 +40,7 @@ __all__ = [
     "astype",
     "bfloat16",
     "bool",
+    "count_nonzero",
     "exp",
     "finfo",
     "float16",
@@ -120,6 +121,11 @@ def sum(x: Any, /, *, axis: Any = None, dtype: Any = None, keepdims: _builtin_bo
     if dtype is not None:
         x = tf.cast(x, dtype)
     return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+
+def count_nonzero(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> tf.Tensor:
+    """``tf.math.count_nonzero`` (int64, as the array API's default integer)."""
+    return tf.math.count_nonzero(x, axis=axis, keepdims=keepdims, dtype=tf.int64)
 
 
 def all(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> tf.Tensor:
