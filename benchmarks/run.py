@@ -6,9 +6,9 @@ gradients, combine, optimizer step); strategies are timed side by side in interl
 rounds in a random order and the medians reported, with the ratio to plain averaging in
 the same framework (median over rounds of the paired per-round ratio). Extra peak memory
 over plain averaging: on CPU the peak RSS (``ru_maxrss``) of a process forked per strategy
-(torch; the child starts at the worker's current RSS; not measured for TensorFlow on CPU,
-where forking after its thread pools start deadlocks) or XLA's temporary-buffer size of the
-compiled step (JAX); on CUDA
+(torch; the child starts at the worker's current RSS), of a fresh interpreter per strategy
+(TensorFlow, where forking after its thread pools start deadlocks; the difference to plain
+averaging's fresh process) or XLA's temporary-buffer size of the compiled step (JAX); on CUDA
 ``torch.cuda.max_memory_allocated`` (torch) and XLA's temporary buffers (JAX).
 
 Writes ``bench.json``, ``bench.md`` and ``bench.png`` in ``--out`` (atomically).
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(HERE / "results"), help="output folder (default benchmarks/results)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.quick else 7
@@ -117,6 +118,10 @@ def worker(args: argparse.Namespace) -> None:
         _check_cuda(framework)
     mod = _module(framework)
     mod.configure(args.threads)
+    if args._peak is not None:  # a fresh process measuring one strategy's peak RSS (see _spawned)
+        (w,) = select_workloads(args.workloads, args.quick)
+        print(json.dumps(mod.peak_memory(w, args._peak, args.device)))
+        return
     rows = []
     for w in select_workloads(args.workloads, args.quick):
         start = time.perf_counter()
@@ -144,7 +149,9 @@ def worker(args: argparse.Namespace) -> None:
 
 def _memory(mod, framework: str, w, names: list[str], args) -> tuple[dict[str, float], str]:
     if framework == "tensorflow":  # forking after TF has started its thread pools deadlocks
-        return {}, "not measured (TensorFlow on CPU)"
+        return {n: _spawned(framework, w, n, args) for n in names}, (
+            "peak RSS (ru_maxrss) of a fresh process per strategy, minus plain averaging's"
+        )
     if framework == "jax":
         return mod.temp_memory(w, args.device), "XLA temporary buffers of the compiled step (memory_analysis)"
     if args.device == "cuda":
@@ -152,6 +159,20 @@ def _memory(mod, framework: str, w, names: list[str], args) -> tuple[dict[str, f
     return {n: _forked(lambda n=n: mod.peak_memory(w, n, args.device)) for n in names}, (
         "peak RSS (ru_maxrss) of a process forked per strategy, minus plain averaging's"
     )
+
+
+def _spawned(framework: str, w, strategy: str, args, timeout_s: float = 300.0) -> float | None:
+    """Peak RSS of a fresh interpreter that builds and runs ``strategy`` (for frameworks that cannot fork)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", framework, "--_peak", strategy,
+           "--workloads", w.name, "--threads", str(args.threads), "--device", args.device]  # fmt: skip
+    cmd += ["--quick"] * args.quick
+    try:
+        proc = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True, text=True,
+                              timeout=timeout_s)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if proc.returncode == 0 and lines else None
 
 
 def _forked(measure, timeout_s: float = 300.0) -> float | None:
