@@ -1,5 +1,6 @@
-"""TensorFlow strategies: a plain ``tf.function`` step, ``combined_gradients(method="loop")`` and
-``vectorized_statistics``, each inside ``tf.function`` with a Keras model and Adam."""
+"""TensorFlow strategies: a plain ``tf.function`` step, ``combined_gradients(method="loop")``,
+``vectorized_statistics`` and (MLP workloads) ``factored_statistics``, each inside
+``tf.function`` with a Keras model and Adam."""
 
 from __future__ import annotations
 
@@ -98,11 +99,30 @@ def strategies(w: Workload, device: str) -> dict[str, Callable[[], object]]:
 
         return step
 
-    return {
+    def factored() -> Callable[[], object]:
+        model, opt = model_for(w), keras.optimizers.Adam(1e-3)
+        variables = model.trainable_variables
+
+        def loss_fn(b: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
+            return tf.reduce_mean(keras.losses.binary_crossentropy(b, out, from_logits=True))
+
+        @tf.function
+        def step() -> tf.Tensor:
+            stats = gtf.factored_statistics(model, loss_fn, x, y, COMBINER)
+            grads, _ = gtf.finalize_gradients(stats, COMBINER)
+            opt.apply_gradients(zip(grads, variables))
+            return grads[0]
+
+        return step
+
+    out = {
         PLAIN: plain(),
         'gradand combined_gradients(method="loop")': loop(),
         "gradand vectorized_statistics": vectorized(),
     }
+    if w.model == "mlp":  # Dense layers only; the CNN's Conv2D variables would all fall back
+        out["gradand factored_statistics"] = factored()
+    return out
 
 
 def sync(out: object) -> None:

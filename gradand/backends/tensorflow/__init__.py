@@ -12,6 +12,11 @@ namespace of ``tf`` ops, with the core, so every core function
   replicas under ``tf.distribute``. Its steps: :func:`environment_statistics`
   (or :func:`vectorized_statistics`), :func:`all_reduce_statistics`,
   :func:`finalize_gradients`.
+- :func:`factored_statistics` (and :func:`factored_gradients`) — the fast
+  path for Keras models: every environment's gradients of the ``Dense``
+  layers from one forward and one backward pass and a batched matrix product
+  per layer (per-example environments with no per-example gradients at all),
+  the other variables by ``tape.jacobian``.
 - :class:`EnvironmentModel` (a wrapper) and :class:`EnvironmentTrainStep` (a
   mixin): Keras ``fit()`` on batches with an environment axis or index, the
   combiner a constructor argument, mask metrics in the progress bar.
@@ -67,6 +72,7 @@ _exclude_from_autograph()
 
 from gradand.backends.tensorflow._consistency import environment_hessians, environment_losses  # noqa: E402
 from gradand.backends.tensorflow._data import environment_batches  # noqa: E402
+from gradand.backends.tensorflow._factored import factored_gradients, factored_statistics  # noqa: E402
 from gradand.backends.tensorflow._gradients import (  # noqa: E402
     CombinedGradients,
     all_reduce_statistics,
@@ -89,6 +95,8 @@ __all__ = [
     "environment_hessians",
     "environment_losses",
     "environment_statistics",
+    "factored_gradients",
+    "factored_statistics",
     "finalize_gradients",
     "vectorized_statistics",
     "xp",

@@ -1,0 +1,293 @@
+"""The factored TensorFlow path equals vectorized_statistics + finalize_gradients; errors name their cause."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradand
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+gtf = pytest.importorskip("gradand.backends.tensorflow")
+
+BCE = keras.losses.BinaryCrossentropy(from_logits=True)
+COMBINERS = [
+    gradand.Mean(),
+    gradand.AndMask(0.0),
+    gradand.AndMask(0.5, rescale=False),
+    gradand.AndMask(1.0),
+    gradand.SandMask(0.3, k=10.0),
+    gradand.GeometricMean(0.5),
+]
+
+
+def _mlp(seed=0, d=3):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((d,)),
+            keras.layers.Dense(6, activation="tanh"),
+            keras.layers.Dense(5, activation="relu", use_bias=False),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def _mixed(seed=0):
+    """Dense layers (factored) and a LayerNormalization (falls back)."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(6, activation="tanh"),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(1, use_bias=False),
+        ]
+    )
+
+
+def _data(n_env, n_ex, seed=0, d=3):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_env, n_ex, d)).astype(np.float32)
+    y = (rng.random((n_env, n_ex, 1)) > 0.5).astype(np.float32)
+    return tf.constant(x), tf.constant(y)
+
+
+def _reference(model, x, y, combiner, nan_policy="raise"):
+    stats = gtf.vectorized_statistics(
+        lambda a, b: BCE(b, model(a, training=True)),
+        model.trainable_variables,
+        (x, y),
+        combiner,
+        nan_policy=nan_policy,
+    )
+    return gtf.finalize_gradients(stats, combiner).gradients
+
+
+def _assert_close(got, want, rtol=1e-5, atol=1e-6):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("n_ex", [5, 1], ids=["envs", "per-example"])
+@pytest.mark.parametrize("combiner", COMBINERS, ids=repr)
+def test_equals_vectorized_statistics(combiner, n_ex):
+    model = _mlp()
+    x, y = _data(7, n_ex)
+    stats = gtf.factored_statistics(model, BCE, x, y, combiner)
+    assert all(s.count == 7 for s in stats)
+    got = gtf.finalize_gradients(stats, combiner).gradients
+    _assert_close(got, _reference(model, x, y, combiner))
+
+
+@settings(max_examples=12)
+@given(
+    n_env=st.integers(1, 6),
+    n_ex=st.integers(1, 4),
+    threshold=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([None, 1, 2]),
+)
+def test_and_mask_equals_vectorized_for_drawn_sizes(n_env, n_ex, threshold, seed, chunk):
+    model = _mlp(seed % 3)
+    x, y = _data(n_env, n_ex, seed)
+    combiner = gradand.AndMask(threshold)
+    stats = gtf.factored_statistics(model, BCE, x, y, combiner, chunk_size=chunk)
+    ref = gtf.vectorized_statistics(
+        lambda a, b: BCE(b, model(a, training=True)), model.trainable_variables, (x, y), combiner
+    )
+    for s, r in zip(stats, ref):
+        assert s.count == r.count == n_env
+        np.testing.assert_array_equal(s.sign_sum.numpy(), r.sign_sum.numpy())
+        np.testing.assert_allclose(s.sum.numpy(), r.sum.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_ex", [4, 1], ids=["envs", "per-example"])
+def test_fallback_variables_mixed_with_factored_ones(n_ex):
+    model = _mixed()
+    x, y = _data(5, n_ex)
+    for combiner in (gradand.AndMask(0.6), gradand.GeometricMean(0.5)):
+        got = gtf.factored_gradients(model, BCE, x, y, combiner).gradients
+        _assert_close(got, _reference(model, x, y, combiner))
+    with pytest.raises(ValueError, match=r"outside them.*gamma.*fallback='jacobian'"):
+        gtf.factored_statistics(model, BCE, x, y, gradand.AndMask(), fallback="error")
+
+
+def test_tf_function_and_xla_equal_eager():
+    model = _mixed()
+    combiner = gradand.AndMask(0.7)
+    for n_ex in (3, 1):
+        x, y = _data(6, n_ex)
+        eager = gtf.factored_gradients(model, BCE, x, y, combiner)
+        step = tf.function(lambda a, b: gtf.factored_gradients(model, BCE, a, b, combiner))
+        xla = tf.function(lambda a, b: gtf.factored_gradients(model, BCE, a, b, combiner), jit_compile=True)
+        for other in (step(x, y), xla(x, y)):
+            _assert_close(other.gradients, eager.gradients)
+            for i, j in zip(other.info, eager.info):
+                np.testing.assert_allclose(float(i.survivor_fraction), float(j.survivor_fraction), atol=1e-6)
+    assert not any("call" in vars(layer) for layer in model.layers), "Dense.call was not restored"
+
+
+def test_training_step_updates_like_combined_gradients():
+    combiner = gradand.AndMask(0.5)
+    x, y = _data(4, 8)
+    models = [_mlp(1), _mlp(1)]
+    opts = [keras.optimizers.SGD(0.5), keras.optimizers.SGD(0.5)]
+
+    @tf.function
+    def factored_step():
+        grads, _ = gtf.factored_gradients(models[0], BCE, x, y, combiner)
+        opts[0].apply_gradients(zip(grads, models[0].trainable_variables))
+
+    @tf.function
+    def loop_step():
+        with tf.GradientTape(persistent=True) as tape:
+            losses = [BCE(y[e], models[1](x[e], training=True)) for e in range(4)]
+        grads, _ = gtf.combined_gradients(tape, losses, models[1].trainable_variables, combiner)
+        opts[1].apply_gradients(zip(grads, models[1].trainable_variables))
+
+    for _ in range(3):
+        factored_step()
+        loop_step()
+    _assert_close(models[0].trainable_variables, models[1].trainable_variables, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_layer_and_rank3_inputs():
+    """A Dense layer called twice, and Dense on (examples, time, features) inputs."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 3))
+    shared = keras.layers.Dense(3, activation="tanh")
+    h = shared(shared(inp))
+    out = keras.layers.Dense(1)(keras.layers.Flatten()(h))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(0)
+    for n_ex in (3, 1):
+        x = tf.constant(rng.standard_normal((5, n_ex, 4, 3)).astype(np.float32))
+        y = tf.constant((rng.random((5, n_ex, 1)) > 0.5).astype(np.float32))
+        for combiner in (gradand.AndMask(0.6), gradand.SandMask(0.2, k=5.0)):
+            got = gtf.factored_gradients(model, BCE, x, y, combiner).gradients
+            _assert_close(got, _reference(model, x, y, combiner))
+
+
+def test_variables_subset_structure_and_losses():
+    model = _mlp()
+    x, y = _data(4, 3)
+    combiner = gradand.AndMask(0.5)
+    variables = {"first": model.layers[0].kernel, "last": model.layers[2].bias}
+    grads, info = gtf.factored_gradients(model, BCE, x, y, combiner, variables=variables)
+    assert set(grads) == {"first", "last"} and set(info) == {"first", "last"}
+    full = gtf.finalize_gradients(gtf.factored_statistics(model, BCE, x, y, combiner), combiner).gradients
+    np.testing.assert_allclose(grads["first"].numpy(), full[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(grads["last"].numpy(), full[-1].numpy(), rtol=1e-6)
+    _, losses = gtf.factored_statistics(model, BCE, x, y, combiner, return_losses=True)
+    want = [float(BCE(y[e], model(x[e]))) for e in range(4)]
+    np.testing.assert_allclose(losses.numpy(), want, rtol=1e-5)
+
+
+def test_unconnected_variable_is_none():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3,))
+    unused = keras.layers.Dense(2)
+    out = keras.layers.Dense(1)(inp)
+    _ = unused(inp)  # built, but not on the path to the output
+    model = keras.Model(inp, out)
+    x, y = _data(3, 2)
+    stats = gtf.factored_statistics(
+        model,
+        BCE,
+        x,
+        y,
+        gradand.AndMask(),
+        variables=[*model.trainable_variables, *unused.trainable_variables],
+    )
+    assert stats[0] is not None and stats[1] is not None
+    assert stats[2] is None and stats[3] is None
+
+
+@pytest.mark.parametrize("n_ex", [3, 1], ids=["envs", "per-example"])
+def test_nan_policy_matches_vectorized(n_ex):
+    model = _mlp()
+    x, y = _data(4, n_ex)
+    x = tf.tensor_scatter_nd_update(x, [[1, 0, 0]], [float("nan")])
+    combiner = gradand.AndMask(0.5)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gtf.factored_statistics(model, BCE, x, y, combiner)
+    step = tf.function(lambda: [s.sum for s in gtf.factored_statistics(model, BCE, x, y, combiner)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
+        step()
+    got = gtf.finalize_gradients(
+        gtf.factored_statistics(model, BCE, x, y, combiner, nan_policy="zero"), combiner
+    ).gradients
+    _assert_close(got, _reference(model, x, y, combiner, nan_policy="zero"))
+
+
+def test_errors_name_the_argument():
+    model = _mlp()
+    x, y = _data(3, 4)
+    c = gradand.AndMask()
+    with pytest.raises(ValueError, match=r"inputs must have shape \(E, n, \.\.\.\).*got shape \(3,\)"):
+        gtf.factored_statistics(model, BCE, x[0, 0], y, c)
+    with pytest.raises(
+        ValueError, match=r"inputs must have shape \(E, n, 3\).*\(None, 3\); got shape \(4, 3\)"
+    ):
+        gtf.factored_statistics(model, BCE, x[0], y, c)
+    with pytest.raises(ValueError, match=r"inputs must have shape \(E, n, 3\).*got shape \(3, 4, 2\)"):
+        gtf.factored_statistics(model, BCE, x[..., :2], y, c)
+    with pytest.raises(ValueError, match=r"targets must have the same \(E, n\).*\(3, 4, 3\).*\(2, 4, 1\)"):
+        gtf.factored_statistics(model, BCE, x, y[:2], c)
+    with pytest.raises(ValueError, match=r"targets must have the same \(E, n\).*n=4.*n=2"):
+        gtf.factored_statistics(model, BCE, x, y[:, :2], c)
+    with pytest.raises(TypeError, match=r"inputs must have a floating dtype.*int32 with shape \(3, 4, 3\)"):
+        gtf.factored_statistics(model, BCE, tf.cast(x, tf.int32), y, c)
+    with pytest.raises(ValueError, match=r"inputs has shape \(0, 4, 3\); need at least one environment"):
+        gtf.factored_statistics(model, BCE, x[:0], y[:0], c)
+    with pytest.raises(ValueError, match="at least one environment"):
+        gtf.factored_statistics(model, BCE, x[:, :0], y[:, :0], c)
+    with pytest.raises(ValueError, match=r"loss_fn must return one environment's loss as a scalar"):
+        gtf.factored_statistics(model, lambda t, o: t - o, x, y, c)
+    with pytest.raises(TypeError, match="combiner must be a gradand combiner"):
+        gtf.factored_statistics(model, BCE, x, y, "and")
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        gtf.factored_statistics(model, "bce", x, y, c)
+    with pytest.raises(ValueError, match=r"fallback must be one of .*got 'loop'"):
+        gtf.factored_statistics(model, BCE, x, y, c, fallback="loop")
+    with pytest.raises(ValueError, match="chunk_size must be None or an int >= 1; got 0"):
+        gtf.factored_statistics(model, BCE, x, y, c, chunk_size=0)
+    with pytest.raises(ValueError, match="nan_policy"):
+        gtf.factored_statistics(model, BCE, x, y, c, nan_policy="ignore")
+    assert not any("call" in vars(layer) for layer in model.layers)
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Dense(1),
+        ]
+    )
+    x, y = _data(3, 4)
+    with pytest.raises(ValueError, match=r"BatchNormalization layer 'bn'.*training=False"):
+        gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
+    stats = gtf.factored_statistics(model, BCE, x, y, gradand.AndMask(), training=False)
+    assert len(stats) == len(model.trainable_variables)
+    model.layers[1].trainable = False  # a frozen BatchNormalization runs in inference mode
+    gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
+
+
+def test_model_output_without_batch_axis_is_refused():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3,))
+    out = keras.layers.Lambda(lambda t: tf.reduce_sum(t, axis=0))(keras.layers.Dense(2)(inp))
+    model = keras.Model(inp, out)
+    x, y = _data(3, 4)
+    with pytest.raises(ValueError, match=r"the 12 examples \(E·n = 3·4\) on axis 0; got shape \(2,\)"):
+        gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
