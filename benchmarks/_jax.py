@@ -1,4 +1,5 @@
-"""JAX strategies: plain averaging and ``gradand.backends.jax.value_and_grad`` (jitted, optax Adam)."""
+"""JAX strategies: plain averaging, ``gradand.backends.jax.value_and_grad`` and, for the MLP
+workloads, ``factored_value_and_grad`` (jitted, optax Adam)."""
 
 from __future__ import annotations
 
@@ -42,15 +43,17 @@ def init(w: Workload) -> dict:
     return params
 
 
-def loss_for(w: Workload) -> Callable:
+def loss_for(w: Workload, matmul: Callable | None = None) -> Callable:
+    """One environment's loss; ``matmul(x, kernel, bias)`` for the MLP's layers (``gj.dense``: factored)."""
     dense = sorted(k for k in init_keys(w) if k.startswith("dense"))
+    affine = matmul or (lambda x, wt, b: x @ wt + b)
 
     def mlp_loss(params, batch):
         x, y = batch
         h = x
         for i, name in enumerate(dense):
             wt, b = params[name]
-            h = h @ wt + b
+            h = affine(h, wt, b)
             if i < len(dense) - 1:
                 h = jax.nn.relu(h)
         return jnp.mean(optax.sigmoid_binary_cross_entropy(h, y))
@@ -113,6 +116,15 @@ def compiled_steps(w: Workload, device: str) -> dict[str, tuple[Callable, tuple]
         "gradand value_and_grad": combined(None),
         f"gradand value_and_grad(chunk={chunk})": combined(chunk),
     }
+    if w.model == "mlp":  # dense layers only: the factored path (gj.dense in place of x @ w + b)
+        grad_fn = gj.factored_value_and_grad(loss_for(w, gj.dense), COMBINER)
+
+        def factored(params, state, batch):
+            (value, _), grads = grad_fn(params, batch)
+            updates, state = adam.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, value
+
+        fns["gradand factored"] = factored
     params = jax.device_put(init(w), batch[0].devices().pop())
     return {name: (jax.jit(fn), (params, adam.init(params)), batch) for name, fn in fns.items()}
 

@@ -1,6 +1,6 @@
 """gradand for JAX: AND-masked gradients as transforms, optax transformations, and across devices.
 
-Three ways in, all pure and jit-able, over any pytree of parameters:
+Four ways in, all pure and jit-able, over any pytree of parameters:
 
 - :func:`value_and_grad` — ``jax.value_and_grad`` for a loss of *one*
   environment (or example), evaluated over a batch stacked on an environment
@@ -11,6 +11,13 @@ Three ways in, all pure and jit-able, over any pytree of parameters:
   per-environment updates (leading axis); chain it before any optimizer.
   :func:`temporal_and_mask` — the paper's temporal AND-mask (Algorithm 1) as
   an optax optimizer, hyperparameters injectable with ``optax.inject_hyperparams``.
+- :func:`factored_value_and_grad` — the same result as :func:`value_and_grad`
+  at about the cost of an ordinary step for models built from dense layers
+  (every ``flax.linen.Dense``, intercepted, and :func:`dense` in hand-written
+  models): one batched backward pass to the layer outputs and one batched
+  product per layer instead of per-environment kernel gradients;
+  per-example environments need no per-example gradient array
+  (:data:`FACTORED_LAYERS` lists what is factored; the rest falls back).
 - :func:`statistics` / :func:`finalize` / :func:`combine` — the core's verbs on
   pytrees of stacked gradients, for hand-written loops (gradient accumulation:
   merge statistics of several micro-batches, then finalize once).
@@ -49,6 +56,7 @@ Example:
     (3,)
 """
 
+from gradand.backends.jax._factored import FACTORED_LAYERS, dense, factored_value_and_grad
 from gradand.backends.jax._grad import GradInfo, value_and_grad
 from gradand.backends.jax._optax import (
     ReduceEnvironmentsState,
@@ -60,12 +68,15 @@ from gradand.backends.jax._optax import (
 from gradand.backends.jax._tree import NAN_POLICIES, TreeInfo, combine, finalize, statistics
 
 __all__ = [
+    "FACTORED_LAYERS",
     "NAN_POLICIES",
     "GradInfo",
     "ReduceEnvironmentsState",
     "TemporalAndMaskState",
     "TreeInfo",
     "combine",
+    "dense",
+    "factored_value_and_grad",
     "finalize",
     "reduce_environments",
     "scale_by_temporal_and_mask",

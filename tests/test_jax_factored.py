@@ -1,0 +1,309 @@
+"""gradand.backends.jax.factored_value_and_grad: the same result as gj.value_and_grad, from one pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+checkify = pytest.importorskip("jax.experimental.checkify")
+nn = pytest.importorskip("flax.linen")
+
+import gradand  # noqa: E402
+from gradand.backends import jax as gj  # noqa: E402
+
+ENVS, N, D, H = 6, 5, 3, 8
+
+COMBINERS = {
+    "mean": gradand.Mean(),
+    "and_mask_1": gradand.AndMask(threshold=1.0),
+    "and_mask_05": gradand.AndMask(threshold=0.5, rescale=False),
+    "and_mask_0": gradand.AndMask(threshold=0.0),
+    "sand_mask": gradand.SandMask(threshold=0.2, k=10.0),
+    "geometric_mean": gradand.GeometricMean(threshold=0.5),
+}
+
+
+class MLP(nn.Module):
+    """Dense layers (factored) and a LayerNorm (its scale and bias fall back)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(H)(x))
+        x = nn.LayerNorm()(nn.Dense(H)(x))
+        return nn.Dense(1)(nn.relu(x))[..., 0]
+
+
+FLAX = MLP()
+
+
+def flax_loss(params, x, y):
+    logits = FLAX.apply({"params": params}, x)
+    return jnp.mean(jax.nn.softplus(logits) - y * logits)
+
+
+def pure_params(seed: int = 0, hidden: int = H) -> dict:
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return {
+        "l1": {"w": jax.random.normal(k1, (D, hidden)), "b": jnp.full((hidden,), 0.1)},
+        "l2": {"w": jax.random.normal(k2, (hidden, hidden)) / 2, "b": jnp.zeros(hidden)},
+        "out": {"w": jax.random.normal(k3, (hidden, 1)), "b": jnp.zeros(1)},
+        "scale": jnp.asarray(1.5),  # a free parameter: falls back
+    }
+
+
+def pure_loss(params, x, y):
+    h = jax.nn.relu(gj.dense(x, params["l1"]["w"], params["l1"]["b"]))
+    h = jnp.tanh(gj.dense(h, params["l2"]["w"], params["l2"]["b"]))
+    logits = gj.dense(h, params["out"]["w"], params["out"]["b"])[..., 0] * params["scale"]
+    return jnp.mean(jax.nn.softplus(logits) - y * logits)
+
+
+def make_batch(seed: int = 1, envs: int = ENVS, n: int = N):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((envs, n, D)).astype(np.float32)
+    rule = rng.standard_normal((envs, 1, D)).astype(np.float32)  # each environment its own shortcut
+    y = (np.einsum("end,ekd->en", x, rule) + x[..., 0] > 0).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def flax_params(seed: int = 0):
+    return FLAX.init(jax.random.key(seed), jnp.ones((N, D)))["params"]
+
+
+MODELS = {"flax": (flax_loss, flax_params), "pure": (pure_loss, pure_params)}
+
+
+def assert_same(got, want, atol=2e-5):
+    (loss_a, info_a), grads_a = got
+    (loss_b, info_b), grads_b = want
+    assert jax.tree.structure(grads_a) == jax.tree.structure(grads_b)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(info_a.losses, info_b.losses, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=atol)
+    for a, b in zip(jax.tree.leaves(info_a[1:3]), jax.tree.leaves(info_b[1:3]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("shape", ["envs", "per_example", "per_example_flat"])
+def test_equals_value_and_grad(model, shape):
+    loss, init = MODELS[model]
+    n = N if shape == "envs" else 1
+    x, y = make_batch(envs=ENVS if n > 1 else 16, n=n)
+    if shape == "per_example_flat":  # one example per environment, no examples axis
+        x, y = x[:, 0], y[:, 0]
+    params = init()
+    for name, combiner in COMBINERS.items():
+        want = gj.value_and_grad(loss, combiner)(params, x, y)
+        f = gj.factored_value_and_grad(loss, combiner)
+        # jitted (the statistics accumulated one environment at a time) for one combiner
+        got = jax.jit(f)(params, x, y) if name == "and_mask_05" else f(params, x, y)
+        assert_same(got, want)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_jit_equals_eager(model):
+    loss, init = MODELS[model]
+    f = gj.factored_value_and_grad(loss, gradand.AndMask(threshold=0.5))
+    x, y = make_batch()
+    assert_same(f(init(), x, y), jax.jit(f)(init(), x, y), atol=1e-6)
+
+
+def test_supported_layers_are_factored_and_the_rest_falls_back():
+    x, y = make_batch()
+
+    class DenseOnly(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.relu(nn.Dense(H)(x)))[..., 0]
+
+    model = DenseOnly()
+
+    def loss(params, x, y):
+        return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
+
+    params = model.init(jax.random.key(0), x[0])["params"]
+    strict = gj.factored_value_and_grad(loss, gradand.AndMask(), fallback="error")
+    assert_same(strict(params, x, y), gj.value_and_grad(loss, gradand.AndMask())(params, x, y))
+    with pytest.raises(ValueError, match=r"LayerNorm_0.*scale") as err:
+        gj.factored_value_and_grad(flax_loss, gradand.AndMask(), fallback="error")(flax_params(), x, y)
+    assert "Dense_0" not in str(err.value)
+    with pytest.raises(ValueError, match=r"grads\['scale'\]") as err:
+        gj.factored_value_and_grad(pure_loss, gradand.AndMask(), fallback="error")(pure_params(), x, y)
+    assert "'l1'" not in str(err.value)
+
+
+def test_a_kernel_also_used_outside_its_layer_falls_back():
+    """Weight decay on one kernel: that kernel's gradient is not X'Δ alone, so it falls back."""
+    x, y = make_batch()
+
+    def loss(params, x, y):
+        return pure_loss(params, x, y) + 0.1 * jnp.sum(params["l2"]["w"] ** 2)
+
+    c = gradand.AndMask(threshold=0.5)
+    assert_same(
+        jax.jit(gj.factored_value_and_grad(loss, c))(pure_params(), x, y),
+        jax.jit(gj.value_and_grad(loss, c))(pure_params(), x, y),
+    )
+    with pytest.raises(ValueError, match=r"grads\['l2'\]\['w'\]") as err:
+        gj.factored_value_and_grad(loss, c, fallback="error")(pure_params(), x, y)
+    assert "['l2']['b']" not in str(err.value)
+
+
+@pytest.mark.parametrize("n", [1, N])
+def test_a_kernel_shared_by_two_layers_is_factored(n):
+    x, y = make_batch(n=n)
+
+    def loss(params, x, y):
+        h = jnp.tanh(gj.dense(x, params["w_in"]))
+        h = jnp.tanh(gj.dense(h, params["w"], params["b"]))
+        h = jnp.tanh(gj.dense(h, params["w"], params["b"]))  # the same kernel and bias again
+        return jnp.mean((h.sum(-1) - y) ** 2)
+
+    k1, k2 = jax.random.split(jax.random.key(3))
+    params = {"w_in": jax.random.normal(k1, (D, H)), "w": jax.random.normal(k2, (H, H)) / 3, "b": jnp.ones(H)}
+    for c in (gradand.AndMask(threshold=0.5), gradand.SandMask(threshold=0.1, k=5.0)):
+        want = gj.value_and_grad(loss, c)(params, x, y)
+        assert_same(gj.factored_value_and_grad(loss, c, fallback="error")(params, x, y), want)
+
+
+def test_has_aux_and_keyword_arguments():
+    x, y = make_batch()
+
+    def loss(params, x, y, *, weight):
+        value = weight * pure_loss(params, x, y)
+        return value, {"positives": jnp.sum(y), "first": x[0]}
+
+    c = gradand.AndMask(threshold=0.5)
+    got = jax.jit(gj.factored_value_and_grad(loss, c, has_aux=True))(pure_params(), x, y, weight=2.0)
+    want = gj.value_and_grad(loss, c, has_aux=True)(pure_params(), x, y, weight=2.0)
+    assert_same(got, want)
+    np.testing.assert_array_equal(got[0][1].aux["first"], x[:, 0])
+    assert got[0][1].aux["positives"].shape == (ENVS,)
+
+
+def test_batch_as_one_pytree_argument_and_float16_inputs():
+    x, y = make_batch()
+
+    def loss(params, batch):
+        return pure_loss(params, *batch)
+
+    c = gradand.AndMask(threshold=0.5)
+    assert_same(
+        gj.factored_value_and_grad(loss, c)(pure_params(), (x, y)),
+        gj.value_and_grad(loss, c)(pure_params(), (x, y)),
+    )
+    xh = x.astype(jnp.float16)
+    got = gj.factored_value_and_grad(loss, c)(pure_params(), (xh, y))
+    want = gj.value_and_grad(loss, c)(pure_params(), (xh, y))
+    assert_same(got, want, atol=1e-3)
+
+
+def test_bfloat16_flax_dense():
+    class Half(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1, dtype=jnp.bfloat16)(nn.tanh(nn.Dense(H, dtype=jnp.bfloat16)(x)))[..., 0]
+
+    model = Half()
+
+    def loss(params, x, y):
+        return jnp.mean((model.apply({"params": params}, x).astype(jnp.float32) - y) ** 2)
+
+    x, y = make_batch()
+    params = model.init(jax.random.key(0), x[0])["params"]
+    c = gradand.AndMask(threshold=0.5, rescale=False)
+    (_, _), got = gj.factored_value_and_grad(loss, c, fallback="error")(params, x, y)
+    (_, _), want = gj.value_and_grad(loss, c)(params, x, y)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("n", [1, N])
+def test_nan_policies(n):
+    x, y = make_batch(n=n, envs=ENVS)
+    bad = x.at[2, 0, 1].set(jnp.nan)
+    c = gradand.AndMask(threshold=0.5)
+    want = gj.value_and_grad(pure_loss, c, nan_policy="zero")(pure_params(), bad, y)
+    got = jax.jit(gj.factored_value_and_grad(pure_loss, c, nan_policy="zero"))(pure_params(), bad, y)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gj.factored_value_and_grad(pure_loss, c)(pure_params(), bad, y)
+    step = jax.jit(checkify.checkify(gj.factored_value_and_grad(pure_loss, c, nan_policy="checkify")))
+    err, _ = step(pure_params(), bad, y)
+    assert "contains NaN or Inf" in str(err.get())
+    err, (_, grads) = step(pure_params(), x, y)
+    assert err.get() is None and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_dense_outside_the_transform_is_a_matmul():
+    x, w, b = jnp.ones((4, 3)), jnp.arange(6.0).reshape(3, 2), jnp.ones(2)
+    np.testing.assert_array_equal(gj.dense(x, w, b), x @ w + b)
+    np.testing.assert_array_equal(jax.vmap(gj.dense, in_axes=(0, None))(x[:, None], w), x[:, None] @ w)
+    assert jax.grad(lambda w: gj.dense(x, w).sum())(w).shape == (3, 2)
+
+
+def test_errors():
+    x, y = make_batch()
+    c = gradand.AndMask()
+    params = pure_params()
+    with pytest.raises(TypeError, match="combiner"):
+        gj.factored_value_and_grad(pure_loss, "and")
+    with pytest.raises(ValueError, match="fallback"):
+        gj.factored_value_and_grad(pure_loss, c, fallback="loop")
+    with pytest.raises(ValueError, match="nan_policy"):
+        gj.factored_value_and_grad(pure_loss, c, nan_policy="ignore")
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        gj.factored_value_and_grad(None, c)
+    f = gj.factored_value_and_grad(pure_loss, c)
+    with pytest.raises(ValueError, match="no batch"):
+        f(params)
+    with pytest.raises(ValueError, match=r"args\[2\] has 5 environments|has 6 environments but"):
+        f(params, x, y[:5])
+    with pytest.raises(ValueError, match="0 environments"):
+        f(params, x[:0], y[:0])
+    with pytest.raises(ValueError, match=r"shape \(\) and no environment axis"):
+        f(params, x, jnp.float32(1.0))
+    with pytest.raises(TypeError, match="dtype int32"):
+        f({**params, "scale": jnp.asarray(1)}, x, y)
+    with pytest.raises(TypeError, match="floating inputs"):
+        f(params, x.astype(jnp.int32), y)
+    with pytest.raises(ValueError, match=r"kernel must have shape \(in, out\)"):
+        gj.dense(x, jnp.ones(3))
+    with pytest.raises(ValueError, match=r"in = kernel.shape\[0\] = 4"):
+        gj.dense(x, jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"bias must have shape \(out,\) = \(2,\)"):
+        gj.dense(x, jnp.ones((3, 2)), jnp.ones(3))
+    with pytest.raises(TypeError, match="must return \\(loss, aux\\)"):
+        gj.factored_value_and_grad(pure_loss, c, has_aux=True)(params, x, y)
+
+
+@settings(max_examples=6)
+@given(
+    envs=st.integers(1, 9),
+    n=st.integers(1, 4),
+    hidden=st.integers(1, 5),
+    threshold=st.floats(0.0, 1.0),
+    sand=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_equals_value_and_grad(envs, n, hidden, threshold, sand, seed):
+    x, y = make_batch(seed=seed, envs=envs, n=n)
+    params = pure_params(seed, hidden)
+    c = gradand.SandMask(threshold=threshold, k=3.0) if sand else gradand.AndMask(threshold=threshold)
+    want = gj.value_and_grad(pure_loss, c)(params, x, y)
+    got = gj.factored_value_and_grad(pure_loss, c)(params, x, y)
+    (_, _), g_want = want
+    (_, _), g_got = got
+    # a component whose environments' gradients are zero up to rounding may flip its vote
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        close = np.isclose(a, b, rtol=1e-4, atol=1e-5)
+        assert close.mean() >= 0.95 or (a.size < 4 and close.all()), (a, b)
