@@ -291,3 +291,39 @@ def test_model_output_without_batch_axis_is_refused():
     x, y = _data(3, 4)
     with pytest.raises(ValueError, match=r"the 12 examples \(E·n = 3·4\) on axis 0; got shape \(2,\)"):
         gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
+
+
+def test_loss_scale_divides_the_gradients_back():
+    model = _mlp()
+    x, y = _data(4, 2)
+    combiner = gradand.SandMask(0.4, k=10.0)
+    want = gtf.factored_statistics(model, BCE, x, y, combiner)
+    got = gtf.factored_statistics(model, lambda t, o: 4.0 * BCE(t, o), x, y, combiner, loss_scale=4.0)
+    for s, r in zip(got, want):
+        np.testing.assert_allclose(s.sum.numpy(), r.sum.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(s.sq_sum.numpy(), r.sq_sum.numpy(), rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
+        gtf.factored_statistics(model, BCE, x, y, combiner, loss_scale=0.0)
+
+
+class _ScaledDense(keras.layers.Dense):
+    """A Dense subclass with its own ``call``: not factored, its variables fall back."""
+
+    def call(self, inputs, training=None):
+        return 2.0 * super().call(inputs, training=training)
+
+
+def test_dense_subclass_with_its_own_call_falls_back():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((3,)), _ScaledDense(4, activation="relu", name="scaled"), keras.layers.Dense(1)]
+    )
+    x, y = _data(3, 4)
+    combiner = gradand.AndMask(0.6)
+    _assert_close(
+        gtf.factored_gradients(model, BCE, x, y, combiner).gradients, _reference(model, x, y, combiner)
+    )
+    with pytest.raises(
+        ValueError, match=r"outside them: \['[\w/]*scaled/kernel \(3, 4\)', '[\w/]*scaled/bias \(4,\)'\]"
+    ):
+        gtf.factored_statistics(model, BCE, x, y, combiner, fallback="error")
