@@ -558,5 +558,38 @@ def _factored_statistics(
     if outer_ok and x.shape[1] == 1 and leaf.dtype == acc:
         s = _outer(x[:, 0], d[:, 0], combiner, policy, name)
         return s
-    g = jnp.einsum("eri,ero->eio", x, d, preferred_element_type=acc)
-    return _stacked_statistics(g.astype(leaf.dtype), combiner, policy, name)
+
+    def chunk_statistics(x: jax.Array, d: jax.Array, policy: str = policy) -> Statistics:
+        g = jnp.einsum("eri,ero->eio", x, d, preferred_element_type=acc)
+        return _stacked_statistics(g.astype(leaf.dtype), combiner, policy, name)
+
+    size = _chunk_size(leaf, envs)
+    if size >= envs or not _is_traced(x):
+        return chunk_statistics(x, d)
+    # In chunks of environments that keep the per-environment gradients in cache: the
+    # batched product writes them and the statistics read them back from there.
+    n_chunks, head = envs // size, (envs // size) * size
+    split = functools.partial(lambda a: a[:head].reshape(n_chunks, size, *a.shape[1:]))
+    shapes = jax.eval_shape(functools.partial(chunk_statistics, policy="propagate"), x[:size], d[:size])
+    zero = jax.tree.map(jnp.zeros_like, shapes)
+
+    def body(carry: Statistics, xd: tuple[jax.Array, jax.Array]) -> tuple[Statistics, None]:
+        return gradand.merge(carry, chunk_statistics(*xd)), None
+
+    stats, _ = jax.lax.scan(body, zero, (split(x), split(d)))
+    if head < envs:
+        stats = gradand.merge(stats, chunk_statistics(x[head:], d[head:]))
+    return stats
+
+
+#: Bytes of per-environment kernel gradients per chunk on CPU: small enough that the batched
+#: product and the statistics over it stay in cache (spirals MLP, E=64 x 64 examples, 256x256
+#: layers: the product and its statistics then cost what the one (4096, 256)ᵀ(4096, 256)
+#: product of a plain step costs).
+_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def _chunk_size(leaf: jax.Array, envs: int) -> int:
+    if jax.default_backend() != "cpu":  # accelerators: one batched product, no cache to fit
+        return envs
+    return max(1, _CHUNK_BYTES // max(1, leaf.size * 4))
