@@ -100,6 +100,8 @@ def test_equals_value_and_grad(model, shape):
         x, y = x[:, 0], y[:, 0]
     params = init()
     for name, combiner in COMBINERS.items():
+        if model == "flax" and name == "and_mask_0":  # (covered by the pure model; saves time)
+            continue
         want = gj.value_and_grad(loss, combiner)(params, x, y)
         f = gj.factored_value_and_grad(loss, combiner)
         # jitted (the statistics accumulated one environment at a time) for one combiner
@@ -137,6 +139,45 @@ def test_supported_layers_are_factored_and_the_rest_falls_back():
     with pytest.raises(ValueError, match=r"grads\['scale'\]") as err:
         gj.factored_value_and_grad(pure_loss, gradand.AndMask(), fallback="error")(pure_params(), x, y)
     assert "'l1'" not in str(err.value)
+
+
+def test_batch_norm_within_an_environment_and_unsupported_flax_layers():
+    """Environments are vmapped as in value_and_grad: BatchNorm normalises over one environment's
+    examples in both. A Dense subclass with its own __call__ and DenseGeneral fall back."""
+
+    class Sub(nn.Dense):
+        def __call__(self, x):
+            return super().__call__(x) * 2.0
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.BatchNorm(use_running_average=False)(
+                nn.Dense(H, use_bias=False)(x)
+            )  # (a bias has ~0 grads)
+            h = Sub(4)(nn.DenseGeneral(5)(nn.relu(h)))
+            return nn.Dense(1)(h)[..., 0]
+
+    net = Net()
+    x, y = make_batch()
+    variables = net.init(jax.random.key(0), x[0])
+
+    def loss(params, x, y, *, stats):
+        out, updates = net.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        return jnp.mean((out - y) ** 2), updates
+
+    c = gradand.AndMask(threshold=0.5)
+    args = (variables["params"], x, y)
+    got = jax.jit(gj.factored_value_and_grad(loss, c, has_aux=True))(*args, stats=variables["batch_stats"])
+    assert_same(got, gj.value_and_grad(loss, c, has_aux=True)(*args, stats=variables["batch_stats"]))
+    assert got[0][1].aux["batch_stats"]["BatchNorm_0"]["mean"].shape == (ENVS, H)
+    with pytest.raises(ValueError, match="these leaves of params are not") as err:
+        gj.factored_value_and_grad(loss, c, has_aux=True, fallback="error")(
+            *args, stats=variables["batch_stats"]
+        )
+    for name in ("BatchNorm_0", "DenseGeneral_0", "Sub_0"):
+        assert name in str(err.value)
+    assert "Dense_0" not in str(err.value) and "Dense_1" not in str(err.value)
 
 
 def test_a_kernel_also_used_outside_its_layer_falls_back():
@@ -286,7 +327,7 @@ def test_errors():
         gj.factored_value_and_grad(pure_loss, c, has_aux=True)(params, x, y)
 
 
-@settings(max_examples=4)
+@settings(max_examples=6)
 @given(
     envs=st.integers(1, 9),
     n=st.integers(1, 4),
@@ -299,8 +340,8 @@ def test_property_equals_value_and_grad(envs, n, hidden, threshold, sand, seed):
     x, y = make_batch(seed=seed, envs=envs, n=n)
     params = pure_params(seed, hidden)
     c = gradand.SandMask(threshold=threshold, k=3.0) if sand else gradand.AndMask(threshold=threshold)
-    want = gj.value_and_grad(pure_loss, c)(params, x, y)
-    got = gj.factored_value_and_grad(pure_loss, c)(params, x, y)
+    want = jax.jit(gj.value_and_grad(pure_loss, c))(params, x, y)  # jit: fewer compilations than eager
+    got = jax.jit(gj.factored_value_and_grad(pure_loss, c))(params, x, y)
     (_, _), g_want = want
     (_, _), g_got = got
     # a component whose environments' gradients are zero up to rounding may flip its vote
