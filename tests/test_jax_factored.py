@@ -368,3 +368,19 @@ def test_environments_in_cache_sized_chunks_with_a_remainder(monkeypatch):
         (_, _), want = gj.value_and_grad(pure_loss, c)(params, x, y)
         for a, b in zip(jax.tree.leaves(chunked[1]), jax.tree.leaves(want), strict=True):
             assert np.isclose(a, b, rtol=1e-4, atol=1e-4).mean() > 0.99
+
+
+def test_inputs_with_several_leading_axes():
+    """(E, n, positions, features): a dense layer's rows are all of an environment's positions."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((ENVS, 3, 4, D)).astype(np.float32))
+    y = jnp.asarray(rng.standard_normal((ENVS, 3)).astype(np.float32))
+
+    def loss(params, x, y):
+        h = jnp.tanh(gj.dense(x, params["l1"]["w"], params["l1"]["b"])).mean(-2)  # (n, H)
+        return jnp.mean((gj.dense(h, params["out"]["w"], params["out"]["b"])[..., 0] - y) ** 2)
+
+    params = {k: v for k, v in pure_params(2).items() if k in ("l1", "out")}
+    c = gradand.AndMask(threshold=0.5)
+    got = gj.factored_value_and_grad(loss, c, fallback="error")(params, x, y)
+    assert_same(got, gj.value_and_grad(loss, c)(params, x, y))

@@ -276,11 +276,12 @@ def _outer(x: jax.Array, d: jax.Array, combiner: Combiner, policy: str, name: st
         _check_finite(d, f"{name} (output gradients)")
         policy = "propagate"
     try:
-        # The core's (B, in) x (B, out) -> (out, in); g = x ⊗ δ is symmetric in the two
-        # roles, so swapping them gives the kernel's (in, out) layout directly.
-        return gradand.outer_statistics(d, x, combiner, nan_policy=policy)
+        s = gradand.outer_statistics(x, d, combiner, nan_policy=policy)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
+    # The core's layout is (out, in); the kernel's is (in, out). (XLA folds the transposes into
+    # the products: faster on CPU than swapping the roles of x and Δ.)
+    return s.replace(**{k: v.T for k, v in s.arrays().items()})
 
 
 # --- the transform --------------------------------------------------------------------------
@@ -335,6 +336,17 @@ def factored_value_and_grad(
     not ``GeometricMean``), :func:`gradand.outer_statistics` gives the
     kernel's statistics from two or three ``(in, E) × (E, out)`` products
     and no per-example gradient array.
+
+    Cost: one forward and one backward pass without the kernel gradients,
+    then per layer ``E·n·in·out`` multiply-adds (what the plain step spends on
+    the kernel gradient) and the statistics' passes over the ``(E, in, out)``
+    per-environment kernel gradients, on CPU in chunks of environments that
+    fit in cache (inside ``lax.scan``); per-example layers on the outer path
+    need one or two more ``(in, E) × (E, out)`` products instead. Measured on
+    the spirals MLP (CPU, 1 thread, under load), as a ratio to a jitted
+    plain-averaging step: 1.06 for 16 environments × 256, 1.26 for 64 × 64,
+    1.33 for 128 examples each its own environment (``value_and_grad``:
+    1.9, 5.0 and 76).
 
     Every other leaf of ``params`` (LayerNorm scales, embeddings,
     convolutions, ``nn.DenseGeneral``, a free scale parameter, a kernel also
