@@ -90,8 +90,16 @@ def assert_same(got, want, atol=2e-5):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
-@pytest.mark.parametrize("shape", ["envs", "per_example", "per_example_flat"])
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        ("pure", "envs"),
+        ("pure", "per_example"),
+        ("pure", "per_example_flat"),
+        ("flax", "envs"),
+        ("flax", "per_example"),
+    ],
+)
 def test_equals_value_and_grad(model, shape):
     loss, init = MODELS[model]
     n = N if shape == "envs" else 1
@@ -100,7 +108,7 @@ def test_equals_value_and_grad(model, shape):
         x, y = x[:, 0], y[:, 0]
     params = init()
     for name, combiner in COMBINERS.items():
-        if model == "flax" and name == "and_mask_0":  # (covered by the pure model; saves time)
+        if model == "flax" and name in ("and_mask_0", "and_mask_1"):  # (as the pure model; saves time)
             continue
         want = gj.value_and_grad(loss, combiner)(params, x, y)
         f = gj.factored_value_and_grad(loss, combiner)
@@ -327,7 +335,7 @@ def test_errors():
         gj.factored_value_and_grad(pure_loss, c, has_aux=True)(params, x, y)
 
 
-@settings(max_examples=6)
+@settings(max_examples=5)
 @given(
     envs=st.integers(1, 9),
     n=st.integers(1, 4),
@@ -351,12 +359,12 @@ def test_property_equals_value_and_grad(envs, n, hidden, threshold, sand, seed):
 
 
 def test_environments_in_cache_sized_chunks_with_a_remainder(monkeypatch):
-    """A 300 x 300 kernel's statistics come in chunks of 5 environments on CPU: 12 = 2 x 5 + 2."""
+    """A 260 x 260 kernel's statistics come in chunks of 7 environments on CPU: 9 = 7 + 2."""
     from gradand.backends.jax import _factored
 
-    x, y = make_batch(envs=12, n=3)
-    params = jax.tree.map(lambda a: a / 5, pure_params(4, hidden=300))
-    assert _factored._chunk_size(params["l2"]["w"], 12) == 5 or jax.default_backend() != "cpu"
+    x, y = make_batch(envs=9, n=2)
+    params = jax.tree.map(lambda a: a / 5, pure_params(4, hidden=260))
+    assert _factored._chunk_size(params["l2"]["w"], 9) == 7 or jax.default_backend() != "cpu"
     for c in (gradand.AndMask(threshold=0.5),):
         chunked = jax.jit(gj.factored_value_and_grad(pure_loss, c))(params, x, y)
         with monkeypatch.context() as m:

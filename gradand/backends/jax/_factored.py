@@ -132,8 +132,8 @@ class _Trace:
 
 
 def _matmul(x: Any, kernel: Any, bias: Any, precision: Any = None) -> Any:
-    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    """``x @ kernel + bias``, with ``jnp.matmul``'s dtype promotion."""
+    y = jnp.matmul(x, kernel, precision=precision)
     return y if bias is None else y + bias
 
 
@@ -226,8 +226,9 @@ def _intercept_dense(next_fun: Callable, args: tuple, kwargs: dict, context: Any
     bias = m.get_variable("params", "bias") if m.use_bias else None
 
     def compute(x: Any, kernel: Any, bias: Any) -> Any:  # flax's Dense.__call__, minus parameter creation
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=m.dtype)
-        return _matmul(x, kernel, bias, m.precision)
+        x, kernel, bias = getattr(m, "promote_dtype", promote_dtype)(x, kernel, bias, dtype=m.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=m.precision)
+        return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
     return trace.tap(x, kernel, bias, compute)
 
