@@ -16,7 +16,7 @@ Example:
 """
 
 from gradand import consistency, temporal
-from gradand._combine import MaskInfo, agreement, combine, finalize
+from gradand._combine import MaskInfo, agreement, combine, finalize, finalize_many
 from gradand._combiners import AndMask, Combiner, GeometricMean, Mean, SandMask
 from gradand._namespace import array_namespace, register_namespace
 from gradand._outer import OUTER_STATISTICS, outer_statistics
@@ -40,6 +40,7 @@ __all__ = [
     "combine",
     "consistency",
     "finalize",
+    "finalize_many",
     "merge",
     "outer_statistics",
     "register_namespace",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, overload
+
+import array_api_compat
 
 from gradand._combiners import Combiner, agreement_from
 from gradand._namespace import NanPolicy, array_namespace
 from gradand._stats import Statistics, statistics
 
-__all__ = ["MaskInfo", "agreement", "combine", "finalize"]
+__all__ = ["MaskInfo", "agreement", "combine", "finalize", "finalize_many"]
 
 
 class _SignVotes(Combiner):
@@ -127,6 +131,145 @@ def finalize(stats: Statistics, combiner: Combiner, *, return_info: bool = False
         mean_agreement = xp.sum(direction) * float("nan")
     fraction = xp.ones_like(mean_agreement) if survivors is None else survivors / numel
     return update, MaskInfo(fraction, mean_agreement)
+
+
+#: What the fused path of :func:`finalize_many` needs from a namespace (beyond :func:`finalize`'s).
+_FUSED_OPS = ("concat", "reshape", "stack", "count_nonzero", "asarray")
+
+
+def _fusable(stats: list[Statistics], combiner: Combiner, xp: Any) -> bool:
+    if len(stats) < 2 or not all(hasattr(xp, op) for op in _FUSED_OPS):
+        return False
+    head = stats[0]
+    arrays = [getattr(s, n) for s in stats for n in combiner.statistics]
+    try:
+        devices = {str(array_api_compat.device(a)) for a in arrays}
+    except Exception:  # a namespace array_api_compat does not know: no device to compare
+        return False
+    return len(devices) == 1 and all(
+        isinstance(s.count, int) and s.count == head.count and s.dtype == head.dtype and s.eps == head.eps
+        for s in stats
+    )
+
+
+@overload
+def finalize_many(
+    stats: Sequence[Statistics], combiner: Combiner, *, return_info: Literal[False] = ..., xp: Any = ...
+) -> list[Any]: ...
+@overload
+def finalize_many(
+    stats: Sequence[Statistics], combiner: Combiner, *, return_info: Literal[True], xp: Any = ...
+) -> tuple[list[Any], list[MaskInfo]]: ...
+def finalize_many(
+    stats: Sequence[Statistics], combiner: Combiner, *, return_info: bool = False, xp: Any = None
+) -> Any:
+    """``[finalize(s, combiner) for s in stats]`` for a model's tensors, with the element-wise work done once.
+
+    A model has many tensors, and in eager frameworks every small
+    element-wise operation costs a fixed launch overhead: this concatenates
+    the tensors' statistics into one flat buffer, computes the direction, the
+    mask and the selection once over all of them, and keeps per tensor only
+    the reductions that must stay per tensor (survivor counts, agreement) and
+    the rescaling. Each tensor's update is rescaled by its own
+    ``numel / Σ mask``, exactly as :func:`finalize` does; the results are
+    equal to it (up to the rounding of a product's order for soft masks).
+
+    Tensors are fused when they share the namespace, the device, the count,
+    the gradient dtype and ``eps``, and the namespace has ``concat``,
+    ``reshape``, ``stack``, ``count_nonzero`` and ``asarray``; otherwise each
+    tensor goes through :func:`finalize` (e.g. a counted-on-device ``count``
+    after an all-reduce, or TensorFlow, whose graphs fuse the work anyway).
+
+    Args:
+        stats: the statistics of each tensor (a non-empty sequence).
+        combiner: the combiner they were computed for.
+        return_info: also return one :class:`MaskInfo` per tensor.
+        xp: the array namespace, when it cannot be inferred (TensorFlow).
+
+    Returns:
+        The updates in ``stats`` order, each in its tensor's shape and
+        gradient dtype (and the infos when ``return_info``).
+
+    Example:
+        >>> import numpy as np
+        >>> import gradand
+        >>> c = gradand.AndMask(threshold=1.0)
+        >>> w = gradand.statistics(np.array([[[1.0, -1.0], [2.0, 2.0]], [[3.0, 1.0], [1.0, 1.0]]]), c)
+        >>> b = gradand.statistics(np.array([[1.0, 1.0], [-1.0, 1.0]]), c)
+        >>> updates = gradand.finalize_many([w, b], c)
+        >>> [u.tolist() for u in updates]  # w: 3 of 4 survive (x 4/3); b: 1 of 2 (x 2)
+        [[[2.6666666666666665, 0.0], [2.0, 2.0]], [0.0, 2.0]]
+        >>> all(np.array_equal(u, gradand.finalize(s, c)) for u, s in zip(updates, [w, b]))
+        True
+    """
+    stats = list(stats)
+    if not stats:
+        raise ValueError("stats is empty: pass the statistics of at least one tensor")
+    for i, s in enumerate(stats):
+        try:
+            _check_stats(s, combiner)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"stats[{i}]: {err}") from None
+    first = getattr(stats[0], stats[0].fields[0])
+    xp = array_namespace(first, xp=xp, name="stats")
+    if not _fusable(stats, combiner, xp):
+        out = [finalize(s, combiner, return_info=True, xp=xp) for s in stats]
+        updates = [u for u, _ in out]
+        return (updates, [info for _, info in out]) if return_info else updates
+
+    head = stats[0]
+    shapes = [s.shape for s in stats]
+    sizes = [math.prod(shape) for shape in shapes]
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    segments = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    flat = Statistics(
+        count=head.count,
+        dtype=head.dtype,
+        eps=head.eps,
+        **{
+            n: xp.concat([xp.reshape(getattr(s, n), (-1,)) for s in stats])
+            for n in combiner.statistics
+        },
+    )
+    direction = combiner.direction(flat, xp)
+    mask = combiner.mask(flat, xp)
+    dt = direction.dtype
+    numels = xp.asarray(sizes, dtype=dt, device=array_api_compat.device(direction))
+    survivors = None
+    if mask is None:
+        pieces = [direction[sl] for sl in segments]
+    elif mask.dtype == xp.bool:
+        survivors = xp.astype(xp.stack([xp.count_nonzero(mask[sl]) for sl in segments]), dt)
+        selected = xp.where(mask, direction, xp.zeros_like(direction))  # masked entries are +0
+        if combiner.rescale:  # no survivor: all masked, whatever the scale
+            scale = numels / xp.maximum(survivors, xp.ones_like(survivors))
+            pieces = [selected[sl] * scale[i] for i, sl in enumerate(segments)]
+        else:
+            pieces = [selected[sl] for sl in segments]
+    else:
+        survivors = xp.stack([xp.sum(mask[sl]) for sl in segments])
+        if combiner.rescale:
+            alive = survivors > 0
+            safe = xp.where(alive, survivors, xp.ones_like(survivors))
+            scale = xp.where(alive, numels / safe, xp.zeros_like(survivors))
+            pieces = [mask[sl] * (direction[sl] * scale[i]) for i, sl in enumerate(segments)]
+        else:
+            pieces = [mask[sl] * direction[sl] for sl in segments]
+    updates = []
+    for piece, shape in zip(pieces, shapes):
+        u = xp.reshape(piece, shape)
+        updates.append(u if u.dtype == head.dtype else xp.astype(u, head.dtype))
+    if not return_info:
+        return updates
+    if flat.sign_sum is not None:
+        votes = xp.abs(flat.sign_sum)
+        agreement_ = xp.stack([xp.sum(votes[sl]) for sl in segments]) / (numels * flat.count)
+    else:
+        agreement_ = xp.stack([xp.sum(direction[sl]) for sl in segments]) * float("nan")
+    fraction = xp.ones_like(agreement_) if survivors is None else survivors / numels
+    return updates, [MaskInfo(fraction[i], agreement_[i]) for i in range(len(stats))]
 
 
 def combine(

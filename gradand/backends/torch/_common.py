@@ -147,6 +147,29 @@ def detach_info(info: gradand.MaskInfo) -> gradand.MaskInfo:
     return gradand.MaskInfo(info.survivor_fraction.detach(), info.agreement.detach())
 
 
+def finalize_into_grads(
+    params: Sequence[torch.Tensor],
+    stats: Sequence[gradand.Statistics],
+    combiner: gradand.Combiner,
+    scale: float | None,
+    write: Sequence[bool] | None = None,
+) -> list[gradand.MaskInfo]:
+    """The core's :func:`gradand.finalize_many` of every parameter's statistics, added into ``.grad``.
+
+    With a loss ``scale`` (GradScaler) the update is rescaled and poisoned with
+    NaN where a statistic is not finite (so the scaler skips the step);
+    ``write[i] = False`` computes parameter ``i``'s info without touching its
+    ``.grad``. Returns one detached :class:`gradand.MaskInfo` per parameter.
+    """
+    updates, infos = gradand.finalize_many(stats, combiner, return_info=True, xp=XP)
+    for i, (p, s, update) in enumerate(zip(params, stats, updates)):
+        if scale is not None:
+            update = poison_if_nonfinite(update * scale, s)
+        if write is None or write[i]:
+            accumulate_grad(p, update)
+    return [detach_info(info) for info in infos]
+
+
 def with_context(err: Exception, context: str) -> Exception:
     """The same exception type with ``context`` prepended to its message."""
     return type(err)(f"{context}: {err}")

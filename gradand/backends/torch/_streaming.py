@@ -10,14 +10,12 @@ import torch
 import gradand
 from gradand.backends.torch._common import (
     XP,
-    accumulate_grad,
     as_loss_list,
     as_param_list,
     check_combiner,
     check_policy,
-    detach_info,
+    finalize_into_grads,
     grad_scale,
-    poison_if_nonfinite,
     unscale,
     with_context,
 )
@@ -128,12 +126,4 @@ def backward(
         from gradand.backends.torch._distributed import all_reduce_statistics
 
         stats = all_reduce_statistics(stats, group=group)
-    infos = []
-    for i, p in enumerate(param_list):
-        update, info = gradand.finalize(stats[i], combiner, return_info=True, xp=XP)
-        if scale is not None:
-            update = poison_if_nonfinite(update * scale, stats[i])
-        if used[i] or all_reduce:
-            accumulate_grad(p, update)
-        infos.append(detach_info(info))
-    return infos
+    return finalize_into_grads(param_list, stats, combiner, scale, [u or all_reduce for u in used])

@@ -11,12 +11,10 @@ from torch.func import functional_call, grad_and_value, vmap
 import gradand
 from gradand.backends.torch._common import (
     XP,
-    accumulate_grad,
     check_combiner,
     check_policy,
-    detach_info,
+    finalize_into_grads,
     grad_scale,
-    poison_if_nonfinite,
     unscale,
     with_context,
 )
@@ -270,12 +268,6 @@ def vmap_backward(
         from gradand.backends.torch._distributed import all_reduce_statistics
 
         reduced = all_reduce_statistics(reduced, group=group)
-    infos = []
-    for (_, p), s in zip(named, reduced):
-        update, info = gradand.finalize(s, combiner, return_info=True, xp=XP)
-        if scale is not None:
-            update = poison_if_nonfinite(update * scale, s)
-        accumulate_grad(p, update)
-        infos.append(detach_info(info))
+    infos = finalize_into_grads([p for _, p in named], reduced, combiner, scale)
     mean_loss = (loss_sum / n_env).to(losses.dtype)
     return mean_loss, infos
