@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -133,3 +134,30 @@ def time_interleaved(
             "times_ms": [1e3 * t for t in ts],
         }
     return result
+
+
+def peak_rss_of(step: Callable[[], object], steps: int) -> float:
+    """Peak resident memory in bytes while running ``step`` ``steps`` times.
+
+    On Linux the process's peak is reset first (``/proc/self/clear_refs``) and read
+    from ``VmHWM``, so imports, tracing and earlier work do not hide the steps' own
+    peak; elsewhere, the process's lifetime peak (``ru_maxrss``).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        reset = False
+    else:
+        reset = True
+    for _ in range(steps):
+        step()
+    if reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)

@@ -4,12 +4,11 @@
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
-from _common import COMBINER, Workload, data
+from _common import COMBINER, Workload, data, peak_rss_of
 
 import gradand.backends.tensorflow as gtf
 
@@ -132,7 +131,12 @@ def sync(out: object) -> None:
 
 
 def peak_memory(w: Workload, strategy: str, device: str) -> float:
+    """Peak RSS in bytes over three steps, after one warm-up step that traces the ``tf.function``.
+
+    TensorFlow's import and tracing peak higher than a small model's steps, so the
+    process-wide ``ru_maxrss`` would hide the step's own memory: on Linux the peak is
+    reset after the warm-up (``/proc/self/clear_refs``) and read from ``VmHWM``.
+    """
     step = strategies(w, device)[strategy]
-    for _ in range(3):
-        sync(step())
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    sync(step())
+    return peak_rss_of(lambda: sync(step()), steps=3)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Callable
 
 import torch
-from _common import COMBINER, Workload, data
+from _common import COMBINER, Workload, data, peak_rss_of
 
 import gradand
 from gradand.backends import torch as gt
@@ -154,6 +153,5 @@ def peak_memory(w: Workload, strategy: str, device: str) -> float:
         step()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - before)
-    for _ in range(3):
-        step()
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    step()
+    return peak_rss_of(step, steps=3)

@@ -5,10 +5,10 @@ imported) and each workload, every strategy runs one full training step (forward
 gradients, combine, optimizer step); strategies are timed side by side in interleaved
 rounds in a random order and the medians reported, with the ratio to plain averaging in
 the same framework (median over rounds of the paired per-round ratio). Extra peak memory
-over plain averaging: on CPU the peak RSS (``ru_maxrss``) of a process forked per strategy
-(torch; the child starts at the worker's current RSS), of a fresh interpreter per strategy
-(TensorFlow, where forking after its thread pools start deadlocks; the difference to plain
-averaging's fresh process) or XLA's temporary-buffer size of the compiled step (JAX); on CUDA
+over plain averaging: on CPU the peak RSS of the steps themselves (reset after a warm-up
+step, read from ``VmHWM``; ``_common.peak_rss_of``) in a process forked per strategy (torch)
+or a fresh interpreter per strategy (TensorFlow, where forking after its thread pools start
+deadlocks), or XLA's temporary-buffer size of the compiled step (JAX); on CUDA
 ``torch.cuda.max_memory_allocated`` (torch) and XLA's temporary buffers (JAX).
 
 Writes ``bench.json``, ``bench.md`` and ``bench.png`` in ``--out`` (atomically).
@@ -150,14 +150,14 @@ def worker(args: argparse.Namespace) -> None:
 def _memory(mod, framework: str, w, names: list[str], args) -> tuple[dict[str, float], str]:
     if framework == "tensorflow":  # forking after TF has started its thread pools deadlocks
         return {n: _spawned(framework, w, n, args) for n in names}, (
-            "peak RSS (ru_maxrss) of a fresh process per strategy, minus plain averaging's"
+            "peak RSS (VmHWM after a reset) of a fresh process per strategy, minus plain averaging's"
         )
     if framework == "jax":
         return mod.temp_memory(w, args.device), "XLA temporary buffers of the compiled step (memory_analysis)"
     if args.device == "cuda":
         return {n: mod.peak_memory(w, n, args.device) for n in names}, "torch.cuda.max_memory_allocated"
     return {n: _forked(lambda n=n: mod.peak_memory(w, n, args.device)) for n in names}, (
-        "peak RSS (ru_maxrss) of a process forked per strategy, minus plain averaging's"
+        "peak RSS (VmHWM after a reset) of a process forked per strategy, minus plain averaging's"
     )
 
 
