@@ -59,11 +59,6 @@ __all__ = ["FACTORED_LAYERS", "dense", "factored_value_and_grad"]
 #: parameter fall back to per-environment gradients.
 FACTORED_LAYERS: tuple[str, ...] = ("flax.linen.Dense", "gradand.backends.jax.dense")
 
-#: Environments up to which the statistics are accumulated one environment at a time (the
-#: core's streaming form, which XLA fuses into one pass over the per-environment gradients);
-#: above it, one reduction over the environment axis (slower on CPU, less to compile).
-_UNROLL = 256
-
 _state = threading.local()
 
 
@@ -241,23 +236,10 @@ def _is_traced(x: Any) -> bool:
 
 
 def _stacked_statistics(g: jax.Array, combiner: Combiner, policy: str, name: str) -> Statistics:
-    """The core's statistics of ``g`` (E, ...), environments on axis 0.
+    """The core's statistics of ``g`` (E, ...), environments on axis 0 (see ``_tree._leaf_statistics``)."""
+    from gradand.backends.jax._tree import _leaf_statistics
 
-    Traced, they are accumulated one environment at a time (the core's
-    streaming form: :func:`gradand.statistics` of each environment, summed
-    with :func:`gradand.merge`), which XLA fuses into one pass; on CPU that
-    is several times faster than its reduction over a leading axis.
-    """
-    if not _is_traced(g) or g.shape[0] > _UNROLL:
-        from gradand.backends.jax._tree import _leaf_statistics
-
-        return _leaf_statistics(g, combiner, policy, name)
-    if policy == "checkify":
-        _check_finite(g, name)
-    policy = "propagate" if policy in ("raise", "checkify") else policy  # "raise" cannot look inside jit
-    return gradand.merge(
-        *(gradand.statistics(g[e], combiner, axis=None, nan_policy=policy) for e in range(g.shape[0]))
-    )
+    return _leaf_statistics(g, combiner, policy, name)
 
 
 def _check_finite(a: jax.Array, name: str) -> None:

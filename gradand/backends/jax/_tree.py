@@ -80,6 +80,19 @@ def is_floating(dtype: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
+#: Most environments whose statistics are accumulated one at a time under jit on CPU (above
+#: that, the trace would grow too long; XLA's reduction over the environment axis is used).
+UNROLL_ENVIRONMENTS = 256
+
+
+def _unrolled(g: jax.Array) -> bool:
+    return (
+        isinstance(g, jax.core.Tracer)
+        and 1 <= g.shape[0] <= UNROLL_ENVIRONMENTS
+        and jax.default_backend() == "cpu"
+    )
+
+
 def _leaf_statistics(g: jax.Array, combiner: Combiner, nan_policy: str, name: str) -> Statistics:
     policy = nan_policy
     if nan_policy == "checkify":
@@ -91,6 +104,15 @@ def _leaf_statistics(g: jax.Array, combiner: Combiner, nan_policy: str, name: st
         )
         checkify.check(jnp.all(finite), message, n=jnp.sum(~finite))
         policy = "propagate"
+    if _unrolled(g):
+        # XLA on CPU reduces over a leading axis several times slower than it fuses a sum of
+        # per-environment terms: accumulate one environment at a time (the core's streaming
+        # form, gradand.merge of each environment's statistics). Under jit "raise" cannot look
+        # at the values anyway.
+        policy = "propagate" if policy == "raise" else policy
+        return gradand.merge(
+            *(gradand.statistics(g[e], combiner, axis=None, nan_policy=policy) for e in range(g.shape[0]))
+        )
     try:
         return gradand.statistics(g, combiner, nan_policy=policy)
     except ValueError as e:  # the core's eager NaN check, or an empty environment axis
