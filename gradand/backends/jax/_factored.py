@@ -326,10 +326,10 @@ def factored_value_and_grad(
     per-environment kernel gradients, on CPU in chunks of environments that
     fit in cache (inside ``lax.scan``); per-example layers on the outer path
     need one or two more ``(in, E) × (E, out)`` products instead. Measured on
-    the spirals MLP (CPU, 1 thread, under load), as a ratio to a jitted
-    plain-averaging step: 1.0–1.1 for 16 environments × 256, 1.2–1.3 for
-    64 × 64, 1.3–1.8 for 128 examples each its own environment
-    (``value_and_grad``: 2, 4–6 and 76–118).
+    the spirals MLP (CPU, 1 thread), as a ratio to a jitted plain-averaging
+    step: 1.1–1.4 for 16 environments × 256, 1.1–1.3 for 64 × 64, 1.15–1.8
+    for 128 examples each its own environment (:func:`value_and_grad`:
+    1.05–1.3 for 16 or 64 environments, 68 per example).
 
     Every other leaf of ``params`` (LayerNorm scales, embeddings,
     convolutions, ``nn.DenseGeneral``, a free scale parameter, a kernel also
