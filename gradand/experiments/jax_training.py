@@ -5,7 +5,9 @@ The same models and optimisation as :mod:`gradand.experiments.torch_training`
 decay added to the gradient, a ×``lr_decay`` step, L1 as ``l1 · sign(θ)``),
 written in plain JAX so that nothing beyond ``jax`` and ``optax`` is needed.
 Per-environment gradients are combined by
-:func:`gradand.backends.jax.value_and_grad`; plain averaging (``Mean``) takes
+:func:`gradand.backends.jax.factored_value_and_grad` (the MLP's layers are
+:func:`gradand.backends.jax.dense`, so every environment's or example's
+kernel gradient statistics come from one backward pass); plain averaging (``Mean``) takes
 ``jax.grad`` of the mean loss over the whole step's batch, which equals the
 mean of equally sized environments' gradients and lets batch norm use the
 whole batch's statistics, as in the reference code.
@@ -147,11 +149,12 @@ def apply_mlp(
         >>> out.shape, sorted(new_state)[:2]
         ((5, 1), ['bn_mean0', 'bn_mean1'])
     """
+    gj = _need_jax()
     n_layers = spec["hidden_layers"] + 1
     new_state = dict(state)
     h = x
     for i in range(n_layers):
-        h = h @ params[f"w{i}"] + params[f"b{i}"]
+        h = gj.dense(h, params[f"w{i}"], params[f"b{i}"])  # x @ w + b, visible to the factored path
         if i == n_layers - 1:
             break
         if spec["batch_norm"]:
@@ -253,7 +256,9 @@ def train_classifier(
             out, _ = apply_mlp(spec, p, state, xe, train=True)
             return _loss(loss, out, ye)
 
-        combined = None if use_mean else gj.value_and_grad(env_loss, combiner, nan_policy="propagate")
+        combined = (
+            None if use_mean else gj.factored_value_and_grad(env_loss, combiner, nan_policy="propagate")
+        )
 
         def finish(p: Any, grads: Any, o: Any) -> tuple[Any, Any]:
             if l1 > 0:
