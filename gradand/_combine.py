@@ -65,6 +65,19 @@ def _check_stats(stats: Statistics, combiner: Combiner) -> None:
         )
 
 
+def _rescale_factor(survivors: Any, numel: Any, hard: bool, xp: Any) -> Any:
+    """``numel / Σ mask`` per tensor (0-d, or one entry per tensor), and 0 where nothing survives.
+
+    A hard mask's survivor count is an integer: with none, every entry is masked
+    anyway, so only 1/0 needs avoiding. A soft mask's sum can be any value > 0.
+    """
+    if hard:
+        return numel / xp.maximum(survivors, xp.ones_like(survivors))
+    alive = survivors > 0
+    safe = xp.where(alive, survivors, xp.ones_like(survivors))
+    return xp.where(alive, numel / safe, xp.zeros_like(survivors))
+
+
 @overload
 def finalize(
     stats: Statistics, combiner: Combiner, *, return_info: Literal[False] = ..., xp: Any = ...
@@ -109,16 +122,13 @@ def finalize(stats: Statistics, combiner: Combiner, *, return_info: bool = False
         # an exact integer count of survivors, cast once (not the whole mask)
         survivors = xp.astype(xp.count_nonzero(mask), direction.dtype)
         if combiner.rescale:
-            # with no survivor every entry is masked below, whatever the scale: only avoid 1/0
-            direction = direction * (numel / xp.maximum(survivors, xp.ones_like(survivors)))
+            direction = direction * _rescale_factor(survivors, numel, True, xp)
         # a hard mask selects: masked entries are +0, never -0 or NaN
         update = xp.where(mask, direction, xp.zeros_like(direction))
     else:  # a soft mask weighs
         survivors = xp.sum(mask)
         if combiner.rescale:
-            alive = survivors > 0
-            safe = xp.where(alive, survivors, xp.ones_like(survivors))
-            direction = direction * xp.where(alive, numel / safe, xp.zeros_like(survivors))
+            direction = direction * _rescale_factor(survivors, numel, False, xp)
         update = mask * direction
     if update.dtype != stats.dtype:
         update = xp.astype(update, stats.dtype)
@@ -243,17 +253,15 @@ def finalize_many(
     elif mask.dtype == xp.bool:
         survivors = xp.astype(xp.stack([xp.count_nonzero(mask[sl]) for sl in segments]), dt)
         selected = xp.where(mask, direction, xp.zeros_like(direction))  # masked entries are +0
-        if combiner.rescale:  # no survivor: all masked, whatever the scale
-            scale = numels / xp.maximum(survivors, xp.ones_like(survivors))
+        if combiner.rescale:
+            scale = _rescale_factor(survivors, numels, True, xp)
             pieces = [selected[sl] * scale[i] for i, sl in enumerate(segments)]
         else:
             pieces = [selected[sl] for sl in segments]
     else:
         survivors = xp.stack([xp.sum(mask[sl]) for sl in segments])
         if combiner.rescale:
-            alive = survivors > 0
-            safe = xp.where(alive, survivors, xp.ones_like(survivors))
-            scale = xp.where(alive, numels / safe, xp.zeros_like(survivors))
+            scale = _rescale_factor(survivors, numels, False, xp)
             pieces = [mask[sl] * (direction[sl] * scale[i]) for i, sl in enumerate(segments)]
         else:
             pieces = [mask[sl] * direction[sl] for sl in segments]

@@ -451,7 +451,8 @@ def run(
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {list(table_methods)}; got {list(methods)}")
     per_method: dict[str, dict[str, Any]] = {
-        m: {"train_acc": [], "test_acc": [], "survivor_fraction": [], "curves": []} for m in methods
+        m: {"train_acc": [], "test_acc": [], "survivor_fraction": [], "curves": [], "seconds": []}
+        for m in methods
     }
     runs = [(seed, m) for seed in seeds for m in methods]
     workers, threads = worker_plan(len(runs), jobs, threads, device)
@@ -491,7 +492,7 @@ def run(
         r["test_acc"].append(out["final"]["test"])
         r["survivor_fraction"].append(out["survivor_fraction"])
         r["curves"].append(out["curve"])
-        r.setdefault("seconds", []).append(out["seconds"])
+        r["seconds"].append(out["seconds"])
     rows = []
     for m, r in per_method.items():
         r["train_mean"], r["train_std"] = mean_std(r["train_acc"])

@@ -82,13 +82,13 @@ def is_floating(dtype: Any) -> bool:
 
 #: Most environments whose statistics are accumulated one at a time under jit on CPU (above
 #: that, the trace would grow too long; XLA's reduction over the environment axis is used).
-UNROLL_ENVIRONMENTS = 256
+_UNROLL_ENVIRONMENTS = 256
 
 
 def _unrolled(g: jax.Array) -> bool:
     return (
         isinstance(g, jax.core.Tracer)
-        and 1 <= g.shape[0] <= UNROLL_ENVIRONMENTS
+        and 1 <= g.shape[0] <= _UNROLL_ENVIRONMENTS
         and jax.default_backend() == "cpu"
     )
 
