@@ -20,11 +20,20 @@ from gradand._combine import MaskInfo, agreement, combine, finalize, finalize_ma
 from gradand._combiners import AndMask, Combiner, GeometricMean, Mean, SandMask
 from gradand._namespace import array_namespace, register_namespace
 from gradand._outer import OUTER_STATISTICS, outer_statistics
-from gradand._stats import STATISTIC_NAMES, Statistics, merge, statistics
+from gradand._stats import (
+    MAX_COUNT,
+    STATISTIC_NAMES,
+    Statistics,
+    all_reduce_statistics,
+    merge,
+    required_votes,
+    statistics,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_COUNT",
     "OUTER_STATISTICS",
     "STATISTIC_NAMES",
     "AndMask",
@@ -36,6 +45,7 @@ __all__ = [
     "Statistics",
     "__version__",
     "agreement",
+    "all_reduce_statistics",
     "array_namespace",
     "combine",
     "consistency",
@@ -44,6 +54,7 @@ __all__ = [
     "merge",
     "outer_statistics",
     "register_namespace",
+    "required_votes",
     "statistics",
     "temporal",
 ]

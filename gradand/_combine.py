@@ -11,7 +11,7 @@ import array_api_compat
 
 from gradand._combiners import Combiner, agreement_from
 from gradand._namespace import NanPolicy, array_namespace
-from gradand._stats import Statistics, statistics
+from gradand._stats import Statistics, check_axis, statistics
 
 __all__ = ["MaskInfo", "agreement", "combine", "finalize", "finalize_many"]
 
@@ -19,7 +19,7 @@ __all__ = ["MaskInfo", "agreement", "combine", "finalize", "finalize_many"]
 class _SignVotes(Combiner):
     """Only ``Σ sign(g)``: what :func:`agreement` needs."""
 
-    statistics = ("sign_sum",)
+    statistics = ("sign_sum",)  # type: ignore[assignment]
 
     def direction(self, stats: Statistics, xp: Any) -> Any:  # pragma: no cover - never finalized
         raise NotImplementedError
@@ -59,7 +59,7 @@ def _check_stats(stats: Statistics, combiner: Combiner) -> None:
             f"{stats.fields}) lack; compute them with gradand.statistics(..., {combiner!r})"
         )
     eps = getattr(combiner, "eps", None)
-    if "log_abs_sum" in combiner.statistics and stats.eps != eps:
+    if "log_abs_mean" in combiner.statistics and stats.eps != eps:
         raise ValueError(
             f"these statistics were computed with eps={stats.eps}, but {combiner!r} uses eps={eps}"
         )
@@ -123,8 +123,7 @@ def finalize(stats: Statistics, combiner: Combiner, *, return_info: bool = False
         survivors = xp.astype(xp.count_nonzero(mask), direction.dtype)
         if combiner.rescale:
             direction = direction * _rescale_factor(survivors, numel, True, xp)
-        # a hard mask selects: masked entries are +0, never -0 or NaN
-        update = xp.where(mask, direction, xp.zeros_like(direction))
+        update = _select(mask, direction, xp)
     else:  # a soft mask weighs
         survivors = xp.sum(mask)
         if combiner.rescale:
@@ -136,11 +135,24 @@ def finalize(stats: Statistics, combiner: Combiner, *, return_info: bool = False
         return update
     # 0-d results are built from reductions so they land on the gradients' device
     if stats.sign_sum is not None:  # mean over components of |Σ sign| / E, with one full-size pass
-        mean_agreement = xp.sum(xp.abs(stats.sign_sum)) / (stats.count * numel)
+        votes = xp.sum(xp.astype(xp.abs(stats.sign_sum), direction.dtype))
+        mean_agreement = votes / (_float_count(stats.count, votes, xp) * numel)
     else:  # a custom combiner without sign statistics
         mean_agreement = xp.sum(direction) * float("nan")
     fraction = xp.ones_like(mean_agreement) if survivors is None else survivors / numel
     return update, MaskInfo(fraction, mean_agreement)
+
+
+def _select(mask: Any, direction: Any, xp: Any) -> Any:
+    """A hard mask selects: masked entries are +0 — but NaN/Inf stay NaN, never a clean-looking 0.
+
+    ``d - d`` is +0 for every finite ``d`` and NaN for NaN or ±Inf.
+    """
+    return xp.where(mask, direction, direction - direction)
+
+
+def _float_count(count: Any, like: Any, xp: Any) -> Any:
+    return count if isinstance(count, int) else xp.astype(count, like.dtype)
 
 
 #: What the fused path of :func:`finalize_many` needs from a namespace (beyond :func:`finalize`'s).
@@ -159,7 +171,7 @@ def _fusable(stats: list[Statistics], combiner: Combiner, xp: Any) -> bool:
     return len(devices) == 1 and all(
         isinstance(s.count, int) and s.count == head.count and s.dtype == head.dtype and s.eps == head.eps
         for s in stats
-    )
+    ) and len({getattr(s, n).dtype for s in stats for n in combiner.statistics if n != "sign_sum"}) <= 1
 
 
 @overload
@@ -252,7 +264,7 @@ def finalize_many(
         pieces = [direction[sl] for sl in segments]
     elif mask.dtype == xp.bool:
         survivors = xp.astype(xp.stack([xp.count_nonzero(mask[sl]) for sl in segments]), dt)
-        selected = xp.where(mask, direction, xp.zeros_like(direction))  # masked entries are +0
+        selected = _select(mask, direction, xp)  # masked entries are +0, NaN stays NaN
         if combiner.rescale:
             scale = _rescale_factor(survivors, numels, True, xp)
             pieces = [selected[sl] * scale[i] for i, sl in enumerate(segments)]
@@ -272,7 +284,7 @@ def finalize_many(
     if not return_info:
         return updates
     if flat.sign_sum is not None:
-        votes = xp.abs(flat.sign_sum)
+        votes = xp.astype(xp.abs(flat.sign_sum), dt)
         agreement_ = xp.stack([xp.sum(votes[sl]) for sl in segments]) / (numels * flat.count)
     else:
         agreement_ = xp.stack([xp.sum(direction[sl]) for sl in segments]) * float("nan")
@@ -316,6 +328,8 @@ def combine(
     """
     if axis is None:
         raise ValueError("combine() needs the environment axis; axis=None is for gradand.statistics")
+    if return_info is not True and return_info is not False:
+        raise TypeError(f"return_info must be True or False; got {return_info!r}")
     stats = statistics(grads, combiner, axis=axis, nan_policy=nan_policy, xp=xp)
     return finalize(stats, combiner, return_info=return_info, xp=xp)
 
@@ -333,7 +347,12 @@ def agreement(grads: Any, *, axis: int = 0, nan_policy: NanPolicy = "raise", xp:
         >>> gradand.agreement(np.array([[1.0, -1.0, 0.0], [2.0, 1.0, 0.0]]))
         array([1., 0., 0.])
     """
-    stats = statistics(grads, _SIGN_VOTES, axis=axis, nan_policy=nan_policy, xp=xp)
     xp = array_namespace(grads, xp=xp)
-    a = agreement_from(stats, xp)
+    stats = statistics(grads, _SIGN_VOTES, axis=axis, nan_policy=nan_policy, xp=xp)
+    dtype = grads.dtype if xp.finfo(grads.dtype).bits >= 32 else xp.float32
+    a = agreement_from(stats, xp, dtype)
+    if nan_policy == "propagate":  # NaN in, NaN out: a NaN vote has no agreement
+        axis = check_axis(axis, len(grads.shape), tuple(grads.shape))
+        nan = xp.any(xp.logical_not(grads == grads), axis=axis)
+        a = xp.where(nan, xp.full_like(a, float("nan")), a)
     return a if a.dtype == grads.dtype else xp.astype(a, grads.dtype)

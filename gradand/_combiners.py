@@ -10,15 +10,19 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import numbers
 from typing import Any, ClassVar
 
-from gradand._stats import Statistics
+from gradand._stats import Statistics, _float_field, required_votes
 
 __all__ = ["AndMask", "Combiner", "GeometricMean", "Mean", "SandMask"]
 
 
 def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number as a Python float (numpy scalars and 0-d numpy arrays accepted; bools refused)."""
+    if getattr(value, "shape", None) == () and hasattr(value, "item") and not isinstance(value, numbers.Real):
+        value = value.item()  # a 0-d array (numpy, torch, ...) holding a number
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
     value = float(value)
     if not math.isfinite(value):
@@ -48,20 +52,43 @@ def _check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def agreement_from(stats: Statistics, xp: Any) -> Any:
-    """|mean sign| over environments, from ``Σ sign(g)`` and the count."""
-    return xp.abs(stats.sign_sum) / stats.count
+def agreement_from(stats: Statistics, xp: Any, dtype: Any = None) -> Any:
+    """``|mean sign|`` over environments, from the exact votes ``Σ sign(g)`` and the count.
+
+    In ``dtype`` (default: the statistics' float dtype, else float32).
+    """
+    if dtype is None:
+        like = _float_field(stats)
+        dtype = xp.float32 if like is None else like.dtype
+    votes = xp.astype(xp.abs(stats.sign_sum), dtype)
+    count = stats.count if isinstance(stats.count, int) else xp.astype(stats.count, dtype)
+    return votes / count
 
 
 def hard_mask(stats: Statistics, threshold: float, xp: Any) -> Any:
-    """``agreement >= threshold`` as a boolean array, i.e. ``|Σ sign(g)| >= threshold · E``.
+    """``agreement >= threshold`` as a boolean array, compared exactly on the integer votes.
 
-    ``Σ sign(g)`` holds integers exactly, so every entry point (dense,
-    streaming, merged, all-reduced) compares the very same number; comparing
-    the count with ``threshold · E`` (a Python scalar takes the array's dtype)
-    also saves dividing the whole tensor by ``E``.
+    With a Python-int count the fewest votes that pass, ``k`` (see
+    :func:`gradand._stats.required_votes`), is computed exactly once and the
+    array side compares integers, ``|Σ sign(g)| >= k``, so every entry point
+    (dense, streaming, merged, all-reduced) keeps the same components. With a
+    count only known on the device (a traced all-reduce) the same ``k`` is
+    computed there in floating point: exact up to 2**24 environments in float32.
     """
-    return xp.abs(stats.sign_sum) >= threshold * stats.count
+    votes = xp.abs(stats.sign_sum)
+    count = stats.count
+    if isinstance(count, int):
+        return votes >= required_votes(threshold, count)
+    dt = xp.float64 if getattr(xp, "float64", None) is not None and _has_float64(stats, xp) else xp.float32
+    n = xp.astype(count, dt)
+    k = xp.ceil(n * threshold)
+    k = xp.where((k - 1) / n >= threshold, k - 1, k)
+    return xp.astype(votes, dt) >= k
+
+
+def _has_float64(stats: Statistics, xp: Any) -> bool:
+    like = _float_field(stats)
+    return like is not None and like.dtype == xp.float64
 
 
 class Combiner(abc.ABC):
@@ -109,10 +136,10 @@ class Mean(Combiner):
         array([2. , 0.5])
     """
 
-    statistics: ClassVar[tuple[str, ...]] = ("sum", "sign_sum")
+    statistics: ClassVar[tuple[str, ...]] = ("mean", "sign_sum")
 
     def direction(self, stats: Statistics, xp: Any) -> Any:
-        return stats.sum / stats.count
+        return stats.mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,14 +169,14 @@ class AndMask(Combiner):
 
     threshold: float = 1.0
     rescale: bool = True
-    statistics: ClassVar[tuple[str, ...]] = ("sum", "sign_sum")
+    statistics: ClassVar[tuple[str, ...]] = ("mean", "sign_sum")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", _check_threshold(self.threshold))
         _check_bool("rescale", self.rescale)
 
     def direction(self, stats: Statistics, xp: Any) -> Any:
-        return stats.sum / stats.count
+        return stats.mean
 
     def mask(self, stats: Statistics, xp: Any) -> Any:
         return hard_mask(stats, self.threshold, xp)
@@ -180,7 +207,7 @@ class GeometricMean(Combiner):
     threshold: float = 1.0
     rescale: bool = True
     eps: float = 1e-10
-    statistics: ClassVar[tuple[str, ...]] = ("sum", "sign_sum", "log_abs_sum")
+    statistics: ClassVar[tuple[str, ...]] = ("mean", "sign_sum", "log_abs_mean")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", _check_threshold(self.threshold))
@@ -188,7 +215,7 @@ class GeometricMean(Combiner):
         object.__setattr__(self, "eps", _check_positive("eps", self.eps))
 
     def direction(self, stats: Statistics, xp: Any) -> Any:
-        return xp.sign(stats.sum) * xp.exp(stats.log_abs_sum / stats.count)
+        return xp.sign(stats.mean) * xp.exp(stats.log_abs_mean)
 
     def mask(self, stats: Statistics, xp: Any) -> Any:
         return hard_mask(stats, self.threshold, xp)
@@ -206,10 +233,13 @@ class SandMask(Combiner):
     (all environments give the same value, and always when ``E = 1``) the mask
     is its limit as ``σ² → 0``: 1 where ``a > threshold``, 0 where
     ``a <= threshold``. DomainBed writes 1e-17 instead of NaN at
-    ``a = threshold, σ² = 0``; here that entry is exactly 0. ``σ²`` comes from
-    ``Σ g²`` and ``Σ g`` (float32 at least), so for environments whose
-    gradients nearly coincide it carries cancellation error; the mask is then
-    already saturated at 0 or 1.
+    ``a = threshold, σ² = 0``; here that entry is exactly 0. ``σ²`` is
+    ``M2 / (E - 1)`` with ``M2`` merged by Chan et al.'s update, so it does not
+    cancel when the environments' gradients nearly coincide, nor overflow
+    where their differences do not. ``k`` acts on ``(a - threshold) / σ²``, so
+    it depends on the gradients' scale: at per-component variances of
+    1e-9–1e-6 the tanh saturates and the SAND-mask is the hard AND-mask
+    (strict ``a > threshold``); scale ``k`` with the gradients' variance.
 
     Args:
         threshold: τ in [0, 1]. DomainBed's default is 1.0, which masks
@@ -228,7 +258,7 @@ class SandMask(Combiner):
     threshold: float
     k: float
     rescale: bool = True
-    statistics: ClassVar[tuple[str, ...]] = ("sum", "sign_sum", "sq_sum")
+    statistics: ClassVar[tuple[str, ...]] = ("mean", "sign_sum", "m2")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", _check_threshold(self.threshold))
@@ -236,15 +266,17 @@ class SandMask(Combiner):
         _check_bool("rescale", self.rescale)
 
     def direction(self, stats: Statistics, xp: Any) -> Any:
-        return stats.sum / stats.count
+        return stats.mean
 
     def mask(self, stats: Statistics, xp: Any) -> Any:
+        m2 = stats.m2
         count = stats.count
-        centered = stats.sq_sum - stats.sum * stats.sum / count
-        centered = xp.where(centered > 0, centered, xp.zeros_like(centered))
-        dof = count - 1 if isinstance(count, int) else xp.maximum(count - 1, xp.ones_like(count))
-        var = centered / max(dof, 1) if isinstance(dof, int) else centered / dof
-        a = agreement_from(stats, xp)
+        if isinstance(count, int):
+            var = m2 / max(count - 1, 1)
+        else:
+            n = xp.astype(count, m2.dtype)
+            var = m2 / xp.maximum(n - 1, xp.ones_like(n))
+        a = agreement_from(stats, xp, m2.dtype)
         excess = a - self.threshold
         positive = var > 0
         safe_var = xp.where(positive, var, xp.ones_like(var))

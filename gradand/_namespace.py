@@ -97,32 +97,41 @@ def accumulation_dtype(dtype: Any, xp: Any) -> Any:
 
 
 def check_nan_policy(nan_policy: str) -> None:
-    if nan_policy not in NAN_POLICIES:
+    if not isinstance(nan_policy, str) or nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}; got {nan_policy!r}")
 
 
-def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> Any:
+def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str, *, report: bool = False) -> Any:
     """Check or clean non-finite entries of ``x`` according to ``nan_policy``.
 
     ``"raise"`` raises ``ValueError`` when the values can be inspected (eager
     arrays). Inside a trace (``jax.jit``, ``tf.function``) the values are not
     known; a namespace may then supply ``gradand_check_finite`` (TensorFlow's
-    ``tf.debugging.check_numerics``), otherwise the check is skipped there.
+    ``tf.debugging.check_numerics``), otherwise the check is skipped there and
+    a non-finite value propagates to the update (never a silent 0).
     ``"zero"`` replaces NaN/Inf by 0 (no vote, nothing added to the sum).
     ``"propagate"`` does nothing.
+
+    With ``report=True`` returns ``(x, verified)``, where ``verified`` says
+    that ``x`` is known to be finite (checked eagerly, or cleaned).
     """
+    out, verified = _apply_nan_policy(x, xp, nan_policy, name)
+    return (out, verified) if report else out
+
+
+def _apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> tuple[Any, bool]:
     if nan_policy == "propagate":
-        return x
+        return x, False
     if nan_policy == "zero":
-        return xp.where(xp.isfinite(x), x, xp.zeros_like(x))
+        return xp.where(xp.isfinite(x), x, xp.zeros_like(x)), True
     hook = getattr(xp, "gradand_check_finite", None)
     if hook is not None:
-        return hook(x, name)
+        return hook(x, name), False
     finite = xp.isfinite(x)
     try:
         ok = bool(xp.all(finite))
-    except TypeError:  # a tracer (jax.jit) or a symbolic tensor: values unknown here
-        return x
+    except Exception:  # a tracer (jax.jit) or a symbolic tensor: values unknown here
+        return x, False
     if not ok:
         n_bad = int(xp.sum(xp.astype(xp.logical_not(finite), x.dtype)))  # x is float32+
         size = array_api_compat.size(x)
@@ -130,6 +139,6 @@ def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> Any:
             f"{name} contains NaN or Inf ({n_bad} of {size} entries of shape {tuple(x.shape)}); "
             f"a non-finite gradient would poison the update. Pass nan_policy='zero' to drop "
             f"those components (they cast no vote and add nothing), or nan_policy='propagate' "
-            f"to let them through."
+            f"to let them through (the update is then NaN there)."
         )
-    return x
+    return x, True

@@ -1,15 +1,33 @@
-"""Additive statistics over environments: the one definition behind every entry point.
+"""Mergeable statistics over environments: the one definition behind every entry point.
 
-A combiner needs a few sums over environments (``Σ g``, ``Σ sign(g)``,
-``Σ log(|g| + eps)``, ``Σ g²``) and their count. Sums merge by addition, so the
-same :class:`Statistics` serve the dense path (reduce a stacked array), the
-streaming path (add one environment at a time, O(P) memory), chunks (any split
-of the environments) and the distributed path (an all-reduce SUM of each field).
+A combiner needs a few statistics over environments and their count ``E``:
+the mean gradient, the sign votes ``Σ sign(g)``, the mean of
+``log(|g| + eps)`` and the sum of squared deviations from the mean (``M2``,
+for the variance). They are kept in a form that is both *mergeable* and
+*numerically stable*:
+
+- sign votes are exact integers (``int32``), so the threshold comparison
+  never depends on float round-off, for any number of environments up to
+  ``2**31 - 1``;
+- means are means, not sums, so they cannot overflow where the gradients do
+  not (the mean of four float32 ``1e38`` gradients is ``1e38``);
+- ``M2`` is merged with Chan et al.'s parallel update, so the variance does
+  not cancel (``[10001, 9999, 10000]`` has variance 1 in float32 too).
+
+The same :class:`Statistics` serve the dense path (reduce a stacked array),
+the streaming path (merge one environment at a time, O(P) memory), chunks
+(any split of the environments) and the distributed path
+(:func:`all_reduce_statistics`: scaled terms whose SUM over workers is the
+merged statistics).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gradand._namespace import (
@@ -24,22 +42,73 @@ from gradand._namespace import (
 if TYPE_CHECKING:
     from gradand._combiners import Combiner
 
-__all__ = ["STATISTIC_NAMES", "Statistics", "merge", "statistics"]
+__all__ = [
+    "MAX_COUNT",
+    "STATISTIC_NAMES",
+    "Statistics",
+    "all_reduce_statistics",
+    "merge",
+    "required_votes",
+    "statistics",
+]
 
 #: Every statistic a combiner may ask for, in a fixed order.
-STATISTIC_NAMES: tuple[str, ...] = ("sum", "sign_sum", "log_abs_sum", "sq_sum")
+STATISTIC_NAMES: tuple[str, ...] = ("mean", "sign_sum", "log_abs_mean", "m2")
+
+#: The most environments one set of statistics may hold: sign votes are int32.
+MAX_COUNT: int = 2**31 - 1
+
+# Above this many environments a float32 sum of signs is no longer exact: sum as integers.
+_EXACT_FLOAT_SIGN_SUM = 2**24
+
+
+def _check_count(count: Any, empty: bool) -> Any:
+    """Validate a Python-number count: an int in [1, MAX_COUNT], 0 when empty.
+
+    Arrays (a count after an all-reduce, a tracer under ``jit``) and the
+    placeholders that pytree utilities pass through are kept as they are.
+    """
+    if isinstance(count, bool):
+        raise TypeError(f"count must be the number of environments (an int); got {count!r}")
+    if isinstance(count, numbers.Integral):
+        n = operator.index(count)
+        if empty:
+            if n != 0:
+                raise ValueError(
+                    f"Statistics with no fields are the empty set of environments and must have "
+                    f"count=0; got count={n}"
+                )
+            return 0
+        if not 1 <= n <= MAX_COUNT:
+            raise ValueError(
+                f"count must be the number of environments, between 1 and {MAX_COUNT}; got count={n}"
+            )
+        return n
+    if isinstance(count, numbers.Real):  # a float: 3.0 is not a count
+        raise TypeError(f"count must be an int (the number of environments); got {count!r}")
+    shape = getattr(count, "shape", None)
+    if shape is not None and tuple(shape) != ():
+        raise TypeError(f"count must be an int or a 0-d array; got an array of shape {tuple(shape)}")
+    return count
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Statistics:
-    """Sums over a set of environments, for one gradient tensor.
+    """Statistics over a set of environments, for one gradient tensor.
 
-    Fields that the combiner does not need are ``None``. ``count`` is the number
-    of environments (a Python int, or a 0-d array after a distributed
-    all-reduce). ``dtype`` is the gradients' dtype (the dtype of the update
-    that :func:`gradand.finalize` returns); the sums themselves are kept in at
-    least float32. ``eps`` is the ``GeometricMean`` epsilon that
-    ``log_abs_sum`` was computed with.
+    Fields that the combiner does not need are ``None``:
+
+    - ``mean``: the mean gradient over the environments;
+    - ``sign_sum``: ``Σ_e sign(g_e)``, exact ``int32`` votes (a zero or NaN
+      component casts no vote);
+    - ``log_abs_mean``: the mean of ``log(|g_e| + eps)`` (``GeometricMean``);
+    - ``m2``: ``Σ_e (g_e - mean)²`` (``SandMask``'s variance is ``m2 / (E - 1)``).
+
+    ``count`` is the number of environments ``E`` (a Python int in
+    ``[1, MAX_COUNT]``, or a 0-d array after a traced all-reduce). ``dtype`` is
+    the gradients' dtype (the dtype of the update that :func:`gradand.finalize`
+    returns); the float statistics are kept in at least float32. ``eps`` is the
+    ``GeometricMean`` epsilon that ``log_abs_mean`` was computed with.
 
     ``Statistics()`` is the empty set of environments; ``a + b`` merges two
     disjoint sets (:func:`gradand.merge`).
@@ -51,19 +120,22 @@ class Statistics:
         >>> s = gradand.Statistics()
         >>> for g in [np.array([1.0, -2.0]), np.array([3.0, 4.0])]:
         ...     s = s + gradand.statistics(g, c, axis=None)
-        >>> s.count, s.sign_sum
-        (2, array([2., 0.]))
+        >>> s.count, s.mean, s.sign_sum
+        (2, array([2., 1.]), array([2, 0], dtype=int32))
         >>> gradand.finalize(s, c)
         array([4., 0.])
     """
 
     count: Any = 0
-    sum: Any = None
+    mean: Any = None
     sign_sum: Any = None
-    log_abs_sum: Any = None
-    sq_sum: Any = None
+    log_abs_mean: Any = None
+    m2: Any = None
     dtype: Any = None
     eps: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "count", _check_count(self.count, self.is_empty))
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -85,11 +157,11 @@ class Statistics:
         return not self.fields
 
     def arrays(self) -> dict[str, Any]:
-        """The present statistics as a dict ``name -> array`` (for all-reduce)."""
+        """The present statistics as a dict ``name -> array``."""
         return {n: getattr(self, n) for n in self.fields}
 
     def replace(self, **changes: Any) -> Statistics:
-        """A copy with some fields replaced (e.g. after an all-reduce)."""
+        """A copy with some fields replaced (validated like the constructor)."""
         return dataclasses.replace(self, **changes)
 
     def __add__(self, other: Statistics) -> Statistics:
@@ -104,10 +176,12 @@ class Statistics:
 
 
 def merge(*parts: Statistics) -> Statistics:
-    """Statistics of the union of disjoint sets of environments (a field-wise sum).
+    """Statistics of the union of disjoint sets of environments.
 
-    This is what a distributed all-reduce computes; empty statistics are the
-    identity. Shapes, fields, dtype and ``eps`` must match.
+    Sign votes add exactly; means and ``M2`` merge by Chan et al.'s parallel
+    update, so the order of merging changes only the last bits of the means
+    and never a sign vote. Empty statistics are the identity. Shapes, fields,
+    dtype and ``eps`` must match.
 
     Example:
         >>> import numpy as np
@@ -120,18 +194,14 @@ def merge(*parts: Statistics) -> Statistics:
         array([2., 0.])
     """
     out = Statistics()
-    for p in parts:
+    for i, p in enumerate(parts):
         if not isinstance(p, Statistics):
-            raise TypeError(f"merge() takes Statistics; got {type(p).__name__}")
+            raise TypeError(f"merge() takes Statistics; argument {i} is {type(p).__name__}")
         out = _merge2(out, p)
     return out
 
 
-def _merge2(a: Statistics, b: Statistics) -> Statistics:
-    if a.is_empty:
-        return b
-    if b.is_empty:
-        return a
+def _check_mergeable(a: Statistics, b: Statistics) -> None:
     if a.fields != b.fields:
         raise ValueError(
             f"cannot merge statistics with fields {a.fields} and {b.fields}: they were "
@@ -146,8 +216,107 @@ def _merge2(a: Statistics, b: Statistics) -> Statistics:
         raise ValueError(f"cannot merge statistics computed with eps={a.eps} and eps={b.eps}")
     if a.dtype != b.dtype:
         raise ValueError(f"cannot merge statistics of gradients of dtype {a.dtype} and {b.dtype}")
-    summed = {n: getattr(a, n) + getattr(b, n) for n in a.fields}
-    return dataclasses.replace(a, count=a.count + b.count, **summed)
+    first_a, first_b = getattr(a, a.fields[0]), getattr(b, b.fields[0])
+    try:
+        array_namespace(first_a, first_b, name="the statistics to merge")
+    except TypeError:
+        raise TypeError(
+            f"cannot merge statistics held in {type(first_a).__module__}.{type(first_a).__name__} with "
+            f"statistics held in {type(first_b).__module__}.{type(first_b).__name__}: every "
+            f"environment's gradient must come from the same array library"
+        ) from None
+
+
+def _weights(na: Any, nb: Any, like: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """``(n, na / n, nb / n)``: Python numbers for int counts, 0-d arrays in ``like``'s dtype otherwise."""
+    n = na + nb
+    if isinstance(na, int) and isinstance(nb, int):
+        if n > MAX_COUNT:
+            raise OverflowError(
+                f"merging {na} and {nb} environments gives {n}, more than the {MAX_COUNT} that int32 "
+                f"sign votes count exactly"
+            )
+        return n, na / n, nb / n
+    fa = _as_float(na, like, xp)
+    fb = _as_float(nb, like, xp)
+    total = fa + fb
+    if not isinstance(total, (int, float)):  # both sides may count 0 (absent environments): no 0/0
+        total = xp.where(total > 0, total, xp.ones_like(total))
+    return n, fa / total, fb / total
+
+
+def _as_float(count: Any, like: Any, xp: Any) -> Any:
+    if isinstance(count, int):
+        return count
+    return xp.astype(count, like.dtype)
+
+
+def _mean_update(a: Any, b: Any, wa: Any, wb: Any) -> Any:
+    """``wa·a + wb·b`` as ``base + (other·w - base·w)`` around the heavier side.
+
+    Equal inputs give the input exactly, and no intermediate exceeds the
+    inputs' magnitude (``w ≤ 1/2``), so nothing overflows where the inputs do not.
+    """
+    if isinstance(wa, float) and isinstance(wb, float):
+        if wa >= wb:
+            return a + (b * wb - a * wb)
+        return b + (a * wa - b * wa)
+    return a + (b * wb - a * wb)
+
+
+def _float_field(s: Statistics) -> Any:
+    """The first float statistic (its dtype is the accumulation dtype), or ``None`` for votes only."""
+    return next((getattr(s, n) for n in ("mean", "log_abs_mean", "m2") if getattr(s, n) is not None), None)
+
+
+def _merge2(a: Statistics, b: Statistics) -> Statistics:
+    if a.is_empty:
+        return b
+    if b.is_empty:
+        return a
+    _check_mergeable(a, b)
+    like = _float_field(a)
+    xp = array_namespace(getattr(a, a.fields[0]), name="stats")
+    if like is None:  # sign votes only
+        n = a.count + b.count
+        if isinstance(n, int) and n > MAX_COUNT:
+            _weights(a.count, b.count, None, xp)
+        return dataclasses.replace(a, count=n, sign_sum=a.sign_sum + b.sign_sum)
+    n, wa, wb = _weights(a.count, b.count, like, xp)
+    out: dict[str, Any] = {}
+    if a.sign_sum is not None:
+        out["sign_sum"] = a.sign_sum + b.sign_sum
+    if a.log_abs_mean is not None:
+        out["log_abs_mean"] = _mean_update(a.log_abs_mean, b.log_abs_mean, wa, wb)
+    if a.mean is not None:
+        out["mean"] = _mean_update(a.mean, b.mean, wa, wb)
+    if a.m2 is not None:
+        # Chan et al.: M2 = M2_a + M2_b + δ² · na·nb/n, with δ scaled before squaring
+        delta = b.mean - a.mean
+        if isinstance(n, int):
+            c = math.sqrt(a.count * wb)  # sqrt(na·nb/n)
+        else:
+            c = xp.sqrt(_as_float(a.count, like, xp) * wb)
+        scaled = delta * c
+        out["m2"] = a.m2 + b.m2 + scaled * scaled
+    return dataclasses.replace(a, count=n, **out)
+
+
+def sign_votes(g: Any, xp: Any, *, axis: int | None, maybe_nan: bool) -> Any:
+    """``Σ sign(g)`` over ``axis`` (or ``sign(g)`` for ``axis=None``) as exact int32 votes; NaN votes 0."""
+    s = xp.sign(g)
+    if axis is not None:
+        if g.shape[axis] > _EXACT_FLOAT_SIGN_SUM:
+            s = xp.where(s == s, s, xp.zeros_like(s)) if maybe_nan else s
+            return xp.sum(xp.astype(s, xp.int32), axis=axis, dtype=xp.int32)
+        s = xp.sum(s, axis=axis)
+    if maybe_nan:  # sign(NaN) is NaN, and a NaN sum has no integer value: no vote
+        s = xp.where(s == s, s, xp.zeros_like(s))
+    return xp.astype(s, xp.int32)
+
+
+def _power_of_two_at_least(n: int) -> float:
+    return 2.0 ** math.ceil(math.log2(n)) if n > 1 else 1.0
 
 
 def statistics(
@@ -158,27 +327,30 @@ def statistics(
     nan_policy: NanPolicy = "raise",
     xp: Any = None,
 ) -> Statistics:
-    """The statistics ``combiner`` needs, summed over the environments in ``grads``.
+    """The statistics ``combiner`` needs, over the environments in ``grads``.
 
     Args:
         grads: per-environment gradients of one tensor, stacked along ``axis``;
             with ``axis=None``, the gradient of a single environment.
         combiner: the combiner whose statistics to compute (``combiner.statistics``).
         axis: the environment axis, or ``None`` for one environment.
-        nan_policy: ``"raise"`` (default) raises ``ValueError`` on NaN/Inf in
-            eager mode; ``"zero"`` drops non-finite components (no vote, nothing
-            added); ``"propagate"`` lets them through.
+        nan_policy: ``"raise"`` (default) raises ``ValueError`` on NaN/Inf when
+            the values can be inspected; ``"zero"`` drops non-finite components
+            (no vote, nothing added); ``"propagate"`` lets them through, so the
+            update is NaN where a gradient was (see the guide's NaN table).
         xp: the array namespace, when it cannot be inferred (TensorFlow).
 
     Returns:
-        :class:`Statistics` with ``count`` environments, sums in at least float32.
+        :class:`Statistics` with ``count`` environments, means in at least
+        float32, exact int32 sign votes.
 
     Example:
         >>> import numpy as np
         >>> import gradand
         >>> g = np.array([[1.0, -1.0], [2.0, 1.0]])
-        >>> gradand.statistics(g, gradand.AndMask()).sign_sum
-        array([2., 0.])
+        >>> s = gradand.statistics(g, gradand.AndMask())
+        >>> s.mean, s.sign_sum
+        (array([1.5, 0. ]), array([2, 0], dtype=int32))
     """
     from gradand._combiners import Combiner
 
@@ -191,35 +363,201 @@ def statistics(
     check_float(grads, xp, "grads")
     acc = accumulation_dtype(grads.dtype, xp)
     if axis is None:
-        count: Any = 1
+        count = 1
     else:
-        ndim = len(grads.shape)
-        if not isinstance(axis, int) or not -ndim <= axis < ndim:
-            raise ValueError(
-                f"axis={axis!r} is not an axis of grads with shape {tuple(grads.shape)}; "
-                f"grads must hold the environments along `axis` (pass axis=None for "
-                f"a single environment's gradient)"
-            )
+        axis = check_axis(axis, len(grads.shape), tuple(grads.shape))
         count = grads.shape[axis]
         if count == 0:
             raise ValueError(
                 f"grads has 0 environments along axis {axis} (shape {tuple(grads.shape)}); need at least one"
             )
+        if count > MAX_COUNT:
+            raise ValueError(f"grads has {count} environments along axis {axis}; at most {MAX_COUNT}")
     g = grads if grads.dtype == acc else xp.astype(grads, acc)
-    g = apply_nan_policy(g, xp, nan_policy, "grads")
-
-    def reduce(x: Any) -> Any:
-        return x if axis is None else xp.sum(x, axis=axis)
+    g, verified = apply_nan_policy(g, xp, nan_policy, "grads", report=True)
+    maybe_nan = not verified and nan_policy != "zero"
 
     needed = combiner.statistics
-    eps = getattr(combiner, "eps", None) if "log_abs_sum" in needed else None
+    eps = getattr(combiner, "eps", None) if "log_abs_mean" in needed else None
     values: dict[str, Any] = {}
-    if "sum" in needed:
-        values["sum"] = reduce(g)
+    mean = None
+    if "mean" in needed or "m2" in needed:
+        if axis is None:
+            mean = g
+        else:
+            # scaled by a power of two first (exact), so a sum of large gradients cannot overflow
+            scale = _power_of_two_at_least(count)
+            mean = xp.sum(g / scale if scale != 1.0 else g, axis=axis) / (count / scale)
+        if "mean" in needed:
+            values["mean"] = mean
     if "sign_sum" in needed:
-        values["sign_sum"] = reduce(xp.sign(g))
-    if "log_abs_sum" in needed:
-        values["log_abs_sum"] = reduce(xp.log(xp.abs(g) + eps))
-    if "sq_sum" in needed:
-        values["sq_sum"] = reduce(g * g)
+        values["sign_sum"] = sign_votes(g, xp, axis=axis, maybe_nan=maybe_nan)
+    if "log_abs_mean" in needed:
+        logs = xp.log(xp.abs(g) + eps)
+        values["log_abs_mean"] = logs if axis is None else xp.sum(logs, axis=axis) / count
+    if "m2" in needed:
+        if axis is None:
+            values["m2"] = xp.zeros_like(g)
+        else:
+            dev = g - xp.expand_dims(mean, axis=axis)
+            values["m2"] = xp.sum(dev * dev, axis=axis)
     return Statistics(count=count, dtype=grads.dtype, eps=eps, **values)
+
+
+def check_axis(axis: Any, ndim: int, shape: tuple[int, ...], name: str = "axis") -> int:
+    """``axis`` as a non-negative int (numpy integers accepted); a clear error naming it otherwise."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int (the environment axis); got {axis!r} ({type(axis).__name__})"
+        )
+    axis = operator.index(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{name}={axis} is not an axis of grads with shape {shape}; grads must hold the "
+            f"environments along `{name}` (pass axis=None for a single environment's gradient)"
+        )
+    return axis % ndim
+
+
+def required_votes(threshold: float, count: int) -> int:
+    """The fewest agreeing votes ``k`` with ``k / count >= threshold``: the AND-mask's exact test.
+
+    The agreement ``|Σ sign| / E`` is compared with ``threshold`` as the
+    correctly rounded float64 quotient, so a threshold written as ``k / E``
+    (``0.28`` for 7 of 25 votes, ``0.55`` for 110 of 200) keeps exactly the
+    components with ``k`` net votes, in every dtype and for every ``E``;
+    the array side then compares integers.
+
+    Example:
+        >>> import gradand
+        >>> gradand.required_votes(0.28, 25), required_votes(0.55, 200), required_votes(1.0, 16)
+        (7, 110, 16)
+    """
+    num, den = float(threshold).as_integer_ratio()  # the float τ exactly, as a fraction
+    k = -((-num * count) // den)  # ceil(τ·E) in exact integer arithmetic
+    while k > 0 and (k - 1) / count >= threshold:  # (k - 1)/E rounds to τ: it was meant as τ
+        k -= 1
+    return k
+
+
+def _count_value(count: Any) -> Any:
+    """A Python int when the count's value can be read (eager arrays), else the array itself."""
+    if isinstance(count, int):
+        return count
+    try:
+        return operator.index(count) if isinstance(count, numbers.Integral) else int(count)
+    except (TypeError, ValueError, RuntimeError):  # a tracer or a symbolic tensor
+        return count
+    except Exception:  # framework-specific "concrete value needed" errors
+        return count
+
+
+def reduction_terms(stats: Statistics, total_count: Any) -> dict[str, Any]:
+    """The terms whose SUM over workers is the merged ``mean``, ``sign_sum`` and ``log_abs_mean``.
+
+    Each worker scales its means by ``n_i / N``, so the sum is the global mean
+    without ever forming a (possibly overflowing) sum of gradients.
+    """
+    xp = array_namespace(getattr(stats, stats.fields[0]), name="stats")
+    out: dict[str, Any] = {}
+    w = _local_weight(stats, total_count, xp)
+    if stats.mean is not None:
+        out["mean"] = stats.mean * w
+    if stats.sign_sum is not None:
+        out["sign_sum"] = stats.sign_sum
+    if stats.log_abs_mean is not None:
+        out["log_abs_mean"] = stats.log_abs_mean * w
+    return out
+
+
+def _local_weight(stats: Statistics, total_count: Any, xp: Any) -> Any:
+    like = _float_field(stats)
+    if isinstance(stats.count, int) and isinstance(total_count, int):
+        return stats.count / total_count
+    if like is None:
+        return 1.0
+    return _as_float(stats.count, like, xp) / _as_float(total_count, like, xp)
+
+
+def m2_term(stats: Statistics, global_mean: Any) -> Any:
+    """This worker's ``M2_i + n_i (mean_i - mean)²``: their SUM over workers is the merged ``M2``."""
+    xp = array_namespace(stats.m2, name="stats")
+    d = stats.mean - global_mean
+    n = stats.count if isinstance(stats.count, int) else _as_float(stats.count, d, xp)
+    return stats.m2 + n * (d * d)
+
+
+def all_reduce_statistics(
+    stats: Sequence[Statistics],
+    all_reduce_sum: Callable[[list[Any]], Sequence[Any]],
+    *,
+    total_count: Any = None,
+) -> list[Statistics]:
+    """Merge statistics across workers with a framework's SUM all-reduce (every worker calls this).
+
+    ``all_reduce_sum(arrays)`` must return the element-wise SUM of each array
+    over the workers (``torch.distributed.all_reduce``, ``jax.lax.psum``,
+    ``tf.distribute``'s ``all_reduce``); the backends pass their engine's.
+    Rounds: the total count (skipped when ``total_count`` is given), then the
+    count-weighted means and the sign votes, then — only for ``SandMask`` —
+    each worker's ``M2`` about the global mean. The result equals merging
+    every worker's statistics in one process: the same sign votes, the means
+    up to rounding.
+
+    Args:
+        stats: this worker's statistics, one per tensor (none empty; the same
+            count in each).
+        all_reduce_sum: the SUM all-reduce of a list of arrays.
+        total_count: the number of environments over all workers, when known.
+
+    Returns:
+        The merged statistics, in ``stats`` order.
+
+    Example:
+        >>> import numpy as np
+        >>> import gradand
+        >>> c = gradand.SandMask(threshold=0.5, k=10.0)
+        >>> g = np.random.default_rng(0).standard_normal((5, 3))
+        >>> mine = [gradand.statistics(g, c)]
+        >>> # one worker: the all-reduce is the identity (tests run several workers in threads)
+        >>> (total,) = gradand.all_reduce_statistics(mine, lambda arrays: arrays)
+        >>> total.count, bool(np.allclose(gradand.finalize(total, c), gradand.combine(g, c)))
+        (5, True)
+    """
+    items = list(stats)
+    if not items:
+        raise ValueError("stats is empty: pass one Statistics per tensor")
+    for i, s in enumerate(items):
+        if not isinstance(s, Statistics):
+            raise TypeError(f"stats[{i}] must be gradand.Statistics; got {type(s).__name__}")
+        if s.is_empty:
+            raise ValueError(f"stats[{i}] is empty: every worker must contribute at least one environment")
+    first = getattr(items[0], items[0].fields[0])
+    xp = array_namespace(first, name="stats")
+    if total_count is None:
+        local = [s.count for s in items]
+        if any(not isinstance(c, int) for c in local):
+            packed = [xp.astype(xp.asarray(c), xp.int32) if not isinstance(c, int) else c for c in local]
+            packed = xp.stack([xp.asarray(c, dtype=xp.int32) for c in packed])
+        else:
+            packed = xp.asarray(local, dtype=xp.int32)
+        (summed,) = all_reduce_sum([packed])
+        totals = [_count_value(summed[i]) for i in range(len(items))]
+    else:
+        totals = [_count_value(total_count)] * len(items)
+    flat: list[Any] = []
+    layout: list[tuple[int, str]] = []
+    for i, s in enumerate(items):
+        for name, a in reduction_terms(s, totals[i]).items():
+            flat.append(a)
+            layout.append((i, name))
+    reduced = list(all_reduce_sum(flat))
+    fields: list[dict[str, Any]] = [{} for _ in items]
+    for (i, name), a in zip(layout, reduced):
+        fields[i][name] = a
+    if any(s.m2 is not None for s in items):
+        idx = [i for i, s in enumerate(items) if s.m2 is not None]
+        m2s = list(all_reduce_sum([m2_term(items[i], fields[i]["mean"]) for i in idx]))
+        for i, a in zip(idx, m2s):
+            fields[i]["m2"] = a
+    return [s.replace(count=totals[i], **fields[i]) for i, s in enumerate(items)]

@@ -126,11 +126,11 @@ def test_sand_mask_degenerate_zero_variance_is_the_step_limit():
     np.testing.assert_array_equal(gradand.combine(g, c1), [0.0, 0.0, 0.0])
 
 
-def test_statistics_hold_exact_integer_sign_counts_in_float32():
+def test_statistics_hold_exact_integer_sign_votes_and_float32_means():
     g = np.ones((1000, 3), dtype=np.float16)
     g[::3] = -1
     s = gradand.statistics(g, gradand.AndMask())
-    assert s.sign_sum.dtype == np.float32 and s.sum.dtype == np.float32
+    assert s.sign_sum.dtype == np.int32 and s.mean.dtype == np.float32
     np.testing.assert_array_equal(s.sign_sum, [1000 - 2 * 334] * 3)
 
 

@@ -145,7 +145,7 @@ def statistics(
         >>> grads = {"w": jnp.array([[1.0, -1.0], [2.0, 1.0]])}  # 2 environments
         >>> s = gj.statistics(grads, gradand.AndMask())
         >>> s["w"].count, s["w"].sign_sum
-        (2, Array([2., 0.], dtype=float32))
+        (2, Array([2, 0], dtype=int32))
     """
     check_combiner(combiner)
     check_nan_policy(nan_policy)
@@ -183,11 +183,31 @@ def statistics(
 
 
 def psum_statistics(stats: PyTree, axis_name: AxisName) -> PyTree:
-    """All-reduce (SUM) a pytree of statistics over the collective axis ``axis_name``."""
-    as_arrays = jax.tree.map(
-        lambda s: s.replace(count=jnp.asarray(s.count, jnp.int32)), stats, is_leaf=_is_stats
+    """Merge a pytree of statistics over the collective axis ``axis_name`` (``lax.psum`` rounds).
+
+    The core's :func:`gradand.all_reduce_statistics` with ``lax.psum`` as the
+    SUM; the total count is static (the local count times the axis size), so
+    the threshold test stays exact on integers.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(stats, is_leaf=_is_stats)
+    if not leaves:
+        return stats
+    counts = {s.count for s in leaves if isinstance(s.count, int)}
+    total = None
+    if len(counts) == 1 and all(isinstance(s.count, int) for s in leaves):
+        total = _static_total(counts.pop(), axis_name)
+    reduced = gradand.all_reduce_statistics(
+        leaves, lambda arrays: jax.lax.psum(list(arrays), axis_name), total_count=total
     )
-    return jax.lax.psum(as_arrays, axis_name)
+    return jax.tree_util.tree_unflatten(treedef, reduced)
+
+
+def _static_total(local: int, axis_name: AxisName) -> Any:
+    """``local`` times the size of the named axes: a Python int when JAX knows the sizes statically."""
+    try:
+        return local * int(jax.lax.psum(1, axis_name))
+    except Exception:  # sizes not static here: a traced total (exact up to 2**24 environments)
+        return jax.lax.psum(local, axis_name)
 
 
 def _varying_axes(x: Any) -> frozenset:

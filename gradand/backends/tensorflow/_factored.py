@@ -208,10 +208,10 @@ def _stats(
             return compute(policy)
         s = compute("propagate")
         if tf.executing_eagerly():
-            if not bool(tf.reduce_all(tf.math.is_finite(s.sum))):
+            if not bool(tf.reduce_all(tf.math.is_finite(s.mean))):
                 compute("raise")  # raises the core's ValueError
         else:
-            checks.append(s.sum)
+            checks.append(s.mean)
         return s
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
@@ -228,7 +228,7 @@ def _checked(stats: list[Statistics | None], checks: list[Any]) -> list[Statisti
     flag = tf.add_n([tf.cast(tf.reduce_sum(c * tf.zeros((), c.dtype)), tf.float32) for c in checks])
     flag = xp.gradand_check_finite(flag, "a per-environment gradient")
     with tf.control_dependencies([flag]):
-        return [None if s is None else s.replace(sum=tf.identity(s.sum)) for s in stats]
+        return [None if s is None else s.replace(mean=tf.identity(s.mean)) for s in stats]
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -332,7 +332,7 @@ def factored_statistics(
         >>> bce = keras.losses.BinaryCrossentropy(from_logits=True)
         >>> combiner = gradand.AndMask(threshold=0.8)
         >>> stats = gtf.factored_statistics(model, bce, x, y, combiner)
-        >>> [s.count for s in stats], tuple(stats[0].sum.shape)
+        >>> [s.count for s in stats], tuple(stats[0].mean.shape)
         ([5, 5, 5, 5], (3, 4))
         >>> slow = gtf.vectorized_statistics(lambda a, b: bce(b, model(a)), model.trainable_variables,
         ...                                  (x, y), combiner)

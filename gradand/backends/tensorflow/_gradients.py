@@ -239,7 +239,7 @@ def environment_statistics(
         ...     losses = [tf.reduce_sum(w * [1.0, 2.0]), tf.reduce_sum(w * [3.0, -2.0])]
         >>> [s] = environment_statistics(tape, losses, [w], gradand.AndMask())
         >>> s.count, s.sign_sum.numpy()
-        (2, array([2., 0.], dtype=float32))
+        (2, array([2, 0], dtype=int32))
     """
     _check_tape(tape)
     _check_method(method)
@@ -321,8 +321,8 @@ def _loop_statistics(
 def _weighted(stats: Statistics, present: Any) -> Statistics:
     """``stats`` if ``present`` else the statistics of no environment (zeros, count 0)."""
     arrays = stats.arrays()
-    w = tf.cast(present, next(iter(arrays.values())).dtype)
-    return stats.replace(count=w, **{name: a * w for name, a in arrays.items()})
+    weighted = {name: a * tf.cast(present, a.dtype) for name, a in arrays.items()}
+    return stats.replace(count=tf.cast(present, tf.int32), **weighted)
 
 
 def vectorized_statistics(
@@ -359,7 +359,7 @@ def vectorized_statistics(
         >>> x = tf.constant([[1.0, 2.0], [3.0, -2.0]])  # one row per environment
         >>> [s] = vectorized_statistics(lambda x_e: tf.reduce_sum(w * x_e), [w], x, gradand.AndMask())
         >>> s.count, s.sign_sum.numpy()
-        (2, array([2., 0.], dtype=float32))
+        (2, array([2, 0], dtype=int32))
     """
     flat_vars = _flat_variables(variables)
     unscale = 1.0 / _resolve_loss_scale(loss_scale)
@@ -398,10 +398,12 @@ def all_reduce_statistics(
 ) -> list[Statistics | None]:
     """All-reduce (SUM) statistics across the replicas of a ``tf.distribute`` strategy.
 
-    Call it inside ``strategy.run``. Every field and the environment count are
-    summed in one batched all-reduce; the result is the statistics of every
-    replica's environments together (``count`` becomes a 0-d tensor in the
-    statistics' dtype), the same on every replica. Outside a strategy (the
+    Call it inside ``strategy.run``. The core's
+    :func:`gradand.all_reduce_statistics` does the rounds (the environment
+    count, then the count-weighted means and the exact sign votes, then
+    ``M2`` for ``SandMask``), each a batched all-reduce; the result is the
+    statistics of every replica's environments together (``count`` becomes a
+    0-d int32 tensor inside a ``tf.function``), the same on every replica. Outside a strategy (the
     default replica context, one replica) it returns the statistics unchanged.
 
     Example:
@@ -420,25 +422,21 @@ def all_reduce_statistics(
         )
     if ctx.num_replicas_in_sync == 1:
         return list(stats)
-    values: list[Any] = []
-    for s in stats:
-        if s is None:
-            continue
+    present = [s for s in stats if s is not None]
+    for s in present:
         if not isinstance(s, Statistics):
             raise TypeError(f"stats must hold gradand.Statistics or None; got {type(s).__name__}")
-        arrays = s.arrays()
-        dtype = next(iter(arrays.values())).dtype
-        values.append(tf.cast(s.count, dtype))
-        values.extend(arrays.values())
-    reduced = iter(ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)) if values else iter(())
-    out: list[Statistics | None] = []
-    for s in stats:
-        if s is None:
-            out.append(None)
-            continue
-        count = next(reduced)
-        out.append(s.replace(count=count, **{name: next(reduced) for name in s.fields}))
-    return out
+    if not present:
+        return list(stats)
+    def all_reduce_sum(arrays: Sequence[Any]) -> list[Any]:
+        # TensorFlow keeps int32 tensors in host memory, and one all-reduce cannot mix host and
+        # device tensors: the integer votes and counts travel as float32 (exact up to 2**24).
+        sent = [tf.cast(a, tf.float32) if a.dtype == tf.int32 else a for a in arrays]
+        summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, sent)
+        return [tf.cast(r, tf.int32) if a.dtype == tf.int32 else r for a, r in zip(arrays, summed)]
+
+    reduced = iter(gradand.all_reduce_statistics(present, all_reduce_sum))
+    return [None if s is None else next(reduced) for s in stats]
 
 
 def finalize_gradients(

@@ -36,17 +36,21 @@ import tensorflow as tf
 __all__ = [
     "abs",
     "all",
+    "any",
     "asarray",
     "astype",
     "bfloat16",
     "bool",
+    "ceil",
     "count_nonzero",
     "exp",
+    "expand_dims",
     "finfo",
     "float16",
     "float32",
     "float64",
     "full",
+    "full_like",
     "gradand_check_finite",
     "int32",
     "int64",
@@ -71,6 +75,7 @@ __all__ = [
 ]
 
 _builtin_bool = bool
+_builtin_any = any
 
 float16 = tf.float16
 bfloat16 = tf.bfloat16
@@ -82,6 +87,7 @@ bool = tf.bool
 
 sign = tf.sign
 abs = tf.abs
+ceil = tf.math.ceil
 exp = tf.exp
 log = tf.math.log
 sqrt = tf.sqrt
@@ -126,6 +132,23 @@ def sum(x: Any, /, *, axis: Any = None, dtype: Any = None, keepdims: _builtin_bo
 def count_nonzero(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> tf.Tensor:
     """``tf.math.count_nonzero`` (int64, as the array API's default integer)."""
     return tf.math.count_nonzero(x, axis=axis, keepdims=keepdims, dtype=tf.int64)
+
+
+def any(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> tf.Tensor:
+    """``tf.reduce_any``."""
+    if x.dtype != tf.bool:
+        x = tf.not_equal(x, tf.zeros((), x.dtype))
+    return tf.reduce_any(x, axis=axis, keepdims=keepdims)
+
+
+def expand_dims(x: Any, /, *, axis: int = 0) -> tf.Tensor:
+    """``tf.expand_dims``."""
+    return tf.expand_dims(x, axis)
+
+
+def full_like(x: Any, /, fill_value: Any, *, dtype: Any = None, device: Any = None) -> tf.Tensor:
+    """``tf.fill`` with ``x``'s shape, in ``x``'s dtype unless ``dtype`` is given."""
+    return tf.fill(tf.shape(x), tf.constant(fill_value, dtype=dtype or x.dtype))
 
 
 def all(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> tf.Tensor:
@@ -196,7 +219,7 @@ _KINDS = {
 def isdtype(dtype: Any, kind: Any) -> _builtin_bool:
     """The array API's ``isdtype`` for ``tf.DType`` (a kind name, a dtype, or a tuple of them)."""
     if isinstance(kind, tuple):
-        return any(isdtype(dtype, k) for k in kind)
+        return _builtin_any(isdtype(dtype, k) for k in kind)
     dtype = tf.as_dtype(dtype)
     if isinstance(kind, str):
         if kind not in _KINDS:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import gradand
+from gradand import _stats as gradand_stats
 from gradand.backends.torch._common import XP, check_combiner, check_policy, detach_info
 
 __all__ = ["CommHookState", "all_reduce_statistics", "comm_hook", "register_comm_hook"]
@@ -25,19 +26,19 @@ def _accumulation_dtype(a: torch.Tensor) -> torch.dtype:
     return torch.float32 if torch.finfo(a.dtype).bits < 32 else a.dtype
 
 
-def _flat_all_reduce(items: Sequence[gradand.Statistics], group: Any) -> list[dict[str, torch.Tensor]]:
-    """All-reduce (SUM) every field of every item, one flat buffer per dtype."""
-    by_dtype: dict[torch.dtype, list[tuple[int, str, torch.Tensor]]] = {}
-    for i, s in enumerate(items):
-        for name, a in s.arrays().items():
-            by_dtype.setdefault(a.dtype, []).append((i, name, a))
-    out: list[dict[str, torch.Tensor]] = [{} for _ in items]
-    for entries in by_dtype.values():
-        flat = torch.cat([a.reshape(-1) for _, _, a in entries])
+def _flat_all_reduce(arrays: Sequence[torch.Tensor], group: Any) -> list[torch.Tensor]:
+    """All-reduce (SUM) a list of tensors, one flat buffer per dtype."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_dtype.setdefault(a.dtype, []).append(i)
+    out: list[Any] = [None] * len(arrays)
+    for idx in by_dtype.values():
+        flat = torch.cat([arrays[i].reshape(-1) for i in idx])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         offset = 0
-        for i, name, a in entries:
-            out[i][name] = flat[offset : offset + a.numel()].view(a.shape)
+        for i in idx:
+            a = arrays[i]
+            out[i] = flat[offset : offset + a.numel()].view(a.shape)
             offset += a.numel()
     return out
 
@@ -87,7 +88,7 @@ def all_reduce_statistics(stats: Any, group: Any = None) -> Any:
         >>> # returns on both ranks what merging them in one process gives:
         >>> total = gradand.merge(on_rank0, on_rank1)
         >>> total.count, total.sign_sum
-        (3, tensor([3., 1.]))
+        (3, tensor([3, 1], dtype=torch.int32))
     """
     single = isinstance(stats, gradand.Statistics)
     items = [stats] if single else list(stats)
@@ -130,11 +131,12 @@ def all_reduce_statistics(stats: Any, group: Any = None) -> Any:
             f"differ from rank 0; this is rank {me}). Every rank must pass the same tensors, in the "
             f"same order, for the same combiner: {lines}"
         )
-    reduced = _flat_all_reduce(items, group)
-    out = []
-    for i, s in enumerate(items):
-        count = sum(m["counts"][i] for m in gathered)
-        out.append(s.replace(count=count, **reduced[i]))
+    totals = {sum(m["counts"][i] for m in gathered) for i in range(len(items))}
+    out = gradand.all_reduce_statistics(
+        items,
+        lambda arrays: _flat_all_reduce(arrays, group),
+        total_count=totals.pop() if len(totals) == 1 else None,
+    )
     return out[0] if single else out
 
 
@@ -182,8 +184,10 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     """DDP communication hook: every rank's gradient is one environment.
 
     Instead of averaging the bucket's gradients, each rank computes the
-    statistics of its own gradient (count 1), one all-reduce (SUM) adds them
-    over the ranks, and every rank writes ``gradand.finalize`` of the sums:
+    statistics of its own gradient (count 1), one asynchronous all-reduce
+    (SUM) of the count-weighted means and exact sign votes merges them over
+    the ranks (``SandMask`` needs a second, blocking round for ``M2``), and
+    every rank writes ``gradand.finalize`` of the merged statistics:
     the same update as :func:`backward` with one loss per rank. DDP already
     checks at construction that every rank has the same parameter shapes.
     Register it with :func:`register_comm_hook` or
@@ -210,27 +214,39 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     params = bucket.parameters()
     items = [gradand.statistics(g, combiner, axis=None, nan_policy=state.nan_policy, xp=XP) for g in grads]
     world = dist.get_world_size(state.group)
+
+    def write(reduced: Sequence[gradand.Statistics]) -> torch.Tensor:
+        for s, g, p in zip(reduced, grads, params):
+            update, info = gradand.finalize(s, combiner, return_info=True, xp=XP)
+            g.copy_(update)
+            state.infos[p] = detach_info(info)
+        return bucket.buffer()
+
+    if "m2" in combiner.statistics:  # two rounds (M2 needs the global mean): reduce now
+        reduced = gradand.all_reduce_statistics(
+            items, lambda arrays: _flat_all_reduce(arrays, state.group), total_count=world
+        )
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(write(reduced))
+        return done
+    # one asynchronous round: the count is the world size, each rank's terms in one flat buffer
     dtype = _accumulation_dtype(grads[0])
-    arrays = [a.to(dtype).reshape(-1) for s in items for a in s.arrays().values()]
-    flat = torch.cat(arrays)
+    terms = [gradand_stats.reduction_terms(s, world) for s in items]
+    flat = torch.cat([a.to(dtype).reshape(-1) for t in terms for a in t.values()])
     fut = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=state.group, async_op=True).get_future()
 
     def finish(f: torch.futures.Future[Any]) -> torch.Tensor:
         value = f.value()
         summed = value[0] if isinstance(value, (list, tuple)) else value
         offset = 0
-        buffer = bucket.buffer()
-        for s, g, p in zip(items, grads, params):
+        reduced = []
+        for s, t in zip(items, terms):
             fields = {}
-            for name, a in s.arrays().items():
+            for name, a in t.items():
                 fields[name] = summed[offset : offset + a.numel()].view(a.shape).to(a.dtype)
                 offset += a.numel()
-            update, info = gradand.finalize(
-                s.replace(count=world, **fields), combiner, return_info=True, xp=XP
-            )
-            g.copy_(update)
-            state.infos[p] = detach_info(info)
-        return buffer
+            reduced.append(s.replace(count=world, **fields))
+        return write(reduced)
 
     return fut.then(finish)
 
