@@ -72,7 +72,14 @@ def array_namespace(*arrays: Any, xp: Any = None, name: str = "grads") -> Any:
         return array_api_compat.array_namespace(*arrays)
     except TypeError:
         fallback = arrays[0] if arrays else None
-        bad = next((a for a in arrays if not array_api_compat.is_array_api_obj(a)), fallback)
+        bad = next((a for a in arrays if not array_api_compat.is_array_api_obj(a)), None)
+        if bad is None and len(arrays) > 1:  # every one is an array, of different libraries
+            kinds = sorted({f"{type(a).__module__.split('.')[0]}.{type(a).__name__}" for a in arrays})
+            raise TypeError(
+                f"{name} mix arrays of different libraries ({', '.join(kinds)}); pass arrays of one "
+                f"library (convert with np.asarray(...) or torch.as_tensor(...))"
+            ) from None
+        bad = fallback if bad is None else bad
         raise TypeError(
             f"{name} must be an array (numpy, torch, jax, cupy, array-api-strict, or a "
             f"tf.Tensor with gradand.backends.tensorflow imported); got {type(bad).__name__}"

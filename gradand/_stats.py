@@ -202,6 +202,16 @@ def merge(*parts: Statistics) -> Statistics:
 
 
 def _check_mergeable(a: Statistics, b: Statistics) -> None:
+    first_a, first_b = getattr(a, a.fields[0]), getattr(b, b.fields[0])
+    try:
+        if type(first_a) is not type(first_b):
+            array_namespace(first_a, first_b, name="the statistics to merge")
+    except TypeError:
+        raise TypeError(
+            f"cannot merge statistics held in {type(first_a).__module__}.{type(first_a).__name__} with "
+            f"statistics held in {type(first_b).__module__}.{type(first_b).__name__}: every "
+            f"environment's gradient must come from the same array library"
+        ) from None
     if a.fields != b.fields:
         raise ValueError(
             f"cannot merge statistics with fields {a.fields} and {b.fields}: they were "
@@ -216,15 +226,6 @@ def _check_mergeable(a: Statistics, b: Statistics) -> None:
         raise ValueError(f"cannot merge statistics computed with eps={a.eps} and eps={b.eps}")
     if a.dtype != b.dtype:
         raise ValueError(f"cannot merge statistics of gradients of dtype {a.dtype} and {b.dtype}")
-    first_a, first_b = getattr(a, a.fields[0]), getattr(b, b.fields[0])
-    try:
-        array_namespace(first_a, first_b, name="the statistics to merge")
-    except TypeError:
-        raise TypeError(
-            f"cannot merge statistics held in {type(first_a).__module__}.{type(first_a).__name__} with "
-            f"statistics held in {type(first_b).__module__}.{type(first_b).__name__}: every "
-            f"environment's gradient must come from the same array library"
-        ) from None
 
 
 def _weights(na: Any, nb: Any, like: Any, xp: Any) -> tuple[Any, Any, Any]:
