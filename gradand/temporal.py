@@ -14,7 +14,11 @@ transformation and the Keras optimizer in :mod:`gradand.backends` call
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Literal, NamedTuple
+
+import numpy as np
 
 from gradand._namespace import array_namespace, check_float
 
@@ -43,6 +47,18 @@ class TemporalStep(NamedTuple):
     mask: Any
 
 
+def _real(name: str, value: Any) -> float:
+    """``value`` as a finite Python float: a Python or NumPy real scalar, never a bool."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number (a Python or NumPy scalar); got {value!r} ({type(value).__name__})"
+        )
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    return result
+
+
 def check_temporal_hparams(
     *,
     lr: float,
@@ -52,32 +68,77 @@ def check_temporal_hparams(
     eps: float,
     weight_decay: float,
     weight_decay_order: str,
-) -> None:
-    """Validate the temporal AND-mask's hyperparameters, naming the bad one.
+) -> dict[str, Any]:
+    """Validate the temporal AND-mask's hyperparameters, naming the bad one; return them as floats.
+
+    Every optimizer built on :func:`temporal_and_mask_step` (PyTorch, optax,
+    Keras) validates with this one function. Numbers may be Python or NumPy
+    scalars (``np.float32(0.5)``, ``np.int64(1)``); ``bool`` is refused, and so
+    are arrays and tensors (a backend turns a concrete 0-d array into a number
+    first). A wrong type raises ``TypeError``; a value out of range, or NaN or
+    infinite, raises ``ValueError``. The ranges: ``lr >= 0``, ``betas`` a pair
+    and ``beta1, beta2, beta3`` in ``[0, 1)``, ``threshold`` in ``[0, 1]``,
+    ``eps > 0``, ``weight_decay >= 0``, ``weight_decay_order`` ``"before"`` or
+    ``"after"``.
+
+    Returns:
+        The hyperparameters as Python floats (``betas`` a tuple), keyed by
+        the argument names, so a caller can pass them on to
+        :func:`temporal_and_mask_step` (a NumPy scalar times a framework's
+        array can turn into a NumPy array, or fail under a tracer).
 
     Example:
+        >>> import numpy as np
         >>> from gradand.temporal import check_temporal_hparams
-        >>> check_temporal_hparams(lr=1e-3, betas=(0.9, 0.999), beta3=0.9, threshold=0.5,
-        ...                        eps=1e-8, weight_decay=0.0, weight_decay_order="after")
+        >>> hp = check_temporal_hparams(lr=np.float32(1e-3), betas=[0.9, 0.999], beta3=0.9,
+        ...                             threshold=np.int64(1), eps=1e-8, weight_decay=0,
+        ...                             weight_decay_order="after")
+        >>> hp["betas"], hp["threshold"]
+        ((0.9, 0.999), 1.0)
+        >>> check_temporal_hparams(**{**hp, "threshold": 5})
+        Traceback (most recent call last):
+        ...
+        ValueError: threshold must be in [0, 1] (...); got 5
     """
-    from gradand._combiners import _check_positive, _check_real, _check_threshold
-
-    if _check_real("lr", lr) < 0:
-        raise ValueError(f"lr must be >= 0; got {lr}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    lr_value = _real("lr", lr)
+    if lr_value < 0:
+        raise ValueError(f"lr must be >= 0; got {lr!r}")
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair (beta1, beta2); got {betas!r} ({type(betas).__name__})")
+    if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+    rates = []
     for name, b in (("betas[0]", betas[0]), ("betas[1]", betas[1]), ("beta3", beta3)):
-        if not 0.0 <= _check_real(name, b) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1); got {b}")
-    _check_threshold(threshold)
-    _check_positive("eps", eps)
-    if _check_real("weight_decay", weight_decay) < 0:
-        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
-    if weight_decay_order not in ("before", "after"):
+        value = _real(name, b)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1); got {b!r}")
+        rates.append(value)
+    tau = _real("threshold", threshold)
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(
+            f"threshold must be in [0, 1] (the minimum |moving average of sign(g)| for a component "
+            f"to move); got {threshold!r}"
+        )
+    eps_value = _real("eps", eps)
+    if eps_value <= 0:
+        raise ValueError(f"eps must be > 0; got {eps!r}")
+    decay = _real("weight_decay", weight_decay)
+    if decay < 0:
+        raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}")
+    if not isinstance(weight_decay_order, str) or weight_decay_order not in ("before", "after"):
         raise ValueError(
             f"weight_decay_order must be 'before' (L2 term added to the gradient, so it is "
             f"masked too) or 'after' (decay added after the mask); got {weight_decay_order!r}"
         )
+    return {
+        "lr": lr_value,
+        "betas": (rates[0], rates[1]),
+        "beta3": rates[2],
+        "threshold": tau,
+        "eps": eps_value,
+        "weight_decay": decay,
+        "weight_decay_order": weight_decay_order,
+    }
 
 
 def _may_be_nonzero(weight_decay: Any) -> bool:
@@ -124,6 +185,9 @@ def temporal_and_mask_step(
 
     The parameter update is ``param - lr · direction``. Moments are kept in
     the dtype of ``exp_avg`` (pass float32 state for half-precision params).
+    The hyperparameters are not validated here (they may be traced values
+    under ``jit``); the optimizers validate them with
+    :func:`check_temporal_hparams`.
 
     Example:
         >>> import numpy as np

@@ -115,7 +115,7 @@ def test_reduce_environments_chained_with_adam_matches_core_then_hand_written_ad
 def test_reduce_environments_rejects_updates_without_environment_axis():
     opt = gj.reduce_environments(gradand.AndMask())
     params = {"w": jnp.zeros(())}
-    with pytest.raises(ValueError, match=r"grads\['w'\] has shape \(\) and so no environment axis"):
+    with pytest.raises(ValueError, match=r"updates\['w'\] has shape \(\) and so no environment axis"):
         opt.update(params, opt.init(params))
     with pytest.raises(TypeError, match="combiner must be a gradand combiner"):
         gj.reduce_environments(0.5)

@@ -9,10 +9,13 @@ its math is :func:`gradand.temporal.temporal_and_mask_step`, called per leaf.
 
 from __future__ import annotations
 
+import numbers
+import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradand import Combiner
@@ -56,6 +59,16 @@ def reduce_environments(
     The state keeps the last step's per-leaf survivor fraction and agreement
     for logging.
 
+    ``update`` needs ``params`` (``update(updates, state, params)``; a chain
+    passes on what it is given): every leaf of ``updates`` must have shape
+    ``(E, *param.shape)`` with the same ``E >= 1`` in every leaf, and the
+    same tree structure as ``params``; otherwise a ``ValueError`` names the
+    leaf, its shape and the expected shape. (Without the check, updates
+    without the environment axis would be combined over the parameter's first
+    axis and the result broadcast into the parameter by
+    ``optax.apply_updates``.) The shapes are static, so the check costs
+    nothing under ``jit``.
+
     Args:
         combiner: ``gradand.Mean()``, ``gradand.AndMask(...)``, ...
         axis_name: inside ``shard_map``/``pmap``, the axis the environments are
@@ -87,13 +100,73 @@ def reduce_environments(
     def update_fn(
         updates: PyTree, state: ReduceEnvironmentsState, params: PyTree = None
     ) -> tuple[PyTree, ReduceEnvironmentsState]:
-        del params
+        _check_stacked(updates, params)
         combined, info = combine(
             updates, combiner, axis_name=axis_name, return_info=True, nan_policy=nan_policy
         )
         return combined, ReduceEnvironmentsState(info.survivor_fraction, info.agreement)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _stacked_shape(envs: int | None, param_shape: tuple[int, ...]) -> str:
+    """``(E, *param_shape)`` written out, with ``E`` a number once it is known."""
+    items = ["E" if envs is None else str(envs), *map(str, param_shape)]
+    return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+
+
+def _check_stacked(updates: PyTree, params: PyTree) -> None:
+    """Every leaf of ``updates`` is ``(E, *param.shape)``, the same ``E >= 1`` everywhere."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    if params is None:
+        param_shapes: list[tuple[int, ...] | None] = [None] * len(leaves)
+    else:
+        p_leaves, p_def = jax.tree_util.tree_flatten(params)
+        if p_def != treedef:
+            raise ValueError(
+                f"updates and params have different tree structures: updates {treedef}, params {p_def}"
+            )
+        param_shapes = [tuple(jnp.shape(p)) for p in p_leaves]
+    shapes = [tuple(jnp.shape(leaf)) for _, leaf in leaves]
+    # E as the first well-formed leaf has it, to write the expected shape of a malformed one.
+    known = next((s[0] for s, p in zip(shapes, param_shapes) if p is not None and s[1:] == p and s), None)
+    envs: int | None = None
+    first = ""
+    for (path, _), shape, p_shape in zip(leaves, shapes, param_shapes):
+        where = "updates" + jax.tree_util.keystr(path)
+        expected = _stacked_shape(known if envs is None else envs, () if p_shape is None else p_shape)
+        if not shape:
+            raise ValueError(
+                f"{where} has shape () and so no environment axis; expected "
+                f"{expected if p_shape is not None else '(E, *param_shape)'}: reduce_environments takes "
+                f"the per-environment updates stacked on axis 0 (e.g. from jax.vmap(jax.grad(loss), "
+                f"in_axes=(None, 0)))"
+            )
+        if p_shape is not None and shape[1:] != p_shape:
+            hint = (
+                " (it has the parameter's shape: the environment axis is missing)" if shape == p_shape else ""
+            )
+            raise ValueError(
+                f"{where} has shape {shape}; expected {expected}: the per-environment updates "
+                f"stacked on axis 0 of a parameter of shape {p_shape}{hint}"
+            )
+        if envs is None:
+            envs, first = shape[0], where
+        elif shape[0] != envs:
+            raise ValueError(
+                f"{where} has shape {shape}, but {first} has {envs} environments on axis 0; expected "
+                f"{_stacked_shape(envs, shape[1:] if p_shape is None else p_shape)}: every leaf must "
+                f"stack the updates of the same environments"
+            )
+    if envs == 0:
+        raise ValueError(f"{first} has 0 environments on axis 0; reduce_environments needs at least one")
+    if params is None:
+        raise ValueError(
+            "reduce_environments needs the parameters: call update(updates, state, params), so that "
+            "each leaf of updates can be checked to be (E, *param.shape) (an update without the "
+            "environment axis would otherwise be combined over the parameter's first axis and "
+            "broadcast into the parameter)"
+        )
 
 
 class TemporalAndMaskState(NamedTuple):
@@ -115,17 +188,107 @@ class TemporalAndMaskState(NamedTuple):
     survivor_fraction: PyTree
 
 
-_DEFAULTS = {"b1": 0.9, "b2": 0.999, "beta3": 0.9, "threshold": 0.5, "eps": 1e-8, "weight_decay": 0.0}
+_DEFAULTS = {
+    "learning_rate": 1e-3,
+    "b1": 0.9,
+    "b2": 0.999,
+    "beta3": 0.9,
+    "threshold": 0.5,
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+}
+
+# core argument name (regex) -> this module's argument name
+_ARGUMENT_NAMES = ((r"^lr\b", "learning_rate"), (r"^betas\[0\]", "b1"), (r"^betas\[1\]", "b2"))
 
 
-def _known(name: str, value: Any) -> Any:
-    """``value`` as a float when it is known now; a valid placeholder when it is traced."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
+def _hparam(name: str, value: Any) -> tuple[Any, Any]:
+    """``(value to use, value to validate)`` for a numeric hyperparameter.
+
+    A Python or NumPy number is used as a Python float. A 0-d array (what
+    ``optax.inject_hyperparams`` passes) is used as it is and validated by its
+    value when that is known; a traced one (under ``jit``) cannot be, and is
+    validated as its default instead.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number; got {value!r} (bool)")
+    if isinstance(value, numbers.Real):
+        return float(value), value
+    if isinstance(value, (jax.Array, np.ndarray)):
+        dtype = value.dtype
+        if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(f"{name} must be a real number; got an array of dtype {dtype}")
+        if value.ndim != 0:
+            raise ValueError(f"{name} must be a scalar; got an array of shape {tuple(value.shape)}")
+        try:
+            return value, float(value)
+        except jax.errors.ConcretizationTypeError:  # a tracer (under jit): its value is unknown now
+            return value, _DEFAULTS[name]
+    raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
+
+
+def _check_hparams(learning_rate: Any, **kwargs: Any) -> dict[str, Any]:
+    """Validate with the core's check, in this module's argument names; values to use, by name."""
+    use, check = {}, {}
+    for name, value in kwargs.items():
+        if name == "weight_decay_order":
+            use[name] = check[name] = value
+        else:
+            use[name], check[name] = _hparam(name, value)
+    if callable(learning_rate):  # an optax schedule: its values are not known here
+        lr = 0.0
+    else:
+        use["learning_rate"], lr = _hparam("learning_rate", learning_rate)
     try:
-        return float(value)  # a concrete array (e.g. optax.inject_hyperparams outside jit)
-    except TypeError:  # a tracer: validated by whoever chose it
-        return _DEFAULTS[name]
+        check_temporal_hparams(
+            lr=lr,
+            betas=(check["b1"], check["b2"]),
+            beta3=check["beta3"],
+            threshold=check["threshold"],
+            eps=check["eps"],
+            weight_decay=check["weight_decay"],
+            weight_decay_order=check["weight_decay_order"],
+        )
+    except (TypeError, ValueError) as error:  # name the arguments as this module does
+        message = str(error)
+        for core, name in _ARGUMENT_NAMES:
+            message = re.sub(core, name, message)
+        raise type(error)(message) from None
+    return use
+
+
+def _check_state_dtype(state_dtype: Any) -> None:
+    if state_dtype is None:
+        return
+    try:
+        ok = jnp.issubdtype(jnp.dtype(state_dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"state_dtype must be None or a floating dtype (jnp.float32, ...); got {state_dtype!r}"
+            f" (with optax.inject_hyperparams pass static_args=('state_dtype',): it takes every "
+            f"callable, a dtype too, for a schedule)"
+        )
+
+
+def _check_like(updates: PyTree, reference: PyTree, what: str) -> tuple[list[Any], Any]:
+    """``updates``' leaves and structure, which must be those of ``reference`` (``what``)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    r_leaves, r_def = jax.tree_util.tree_flatten(reference)
+    if r_def != treedef:
+        raise ValueError(
+            f"updates and {what} have different tree structures: updates {treedef}, {what} {r_def}"
+        )
+    for (path, leaf), r in zip(leaves, r_leaves):
+        if jnp.shape(leaf) != jnp.shape(r):
+            raise ValueError(
+                f"updates{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(leaf))}; expected "
+                f"{tuple(jnp.shape(r))}, as in {what}: the temporal AND-mask takes one "
+                f"update per parameter (combine per-environment updates first, e.g. with "
+                f"reduce_environments)"
+            )
+    return [leaf for _, leaf in leaves], treedef
 
 
 def _state_dtype(param: jax.Array, state_dtype: Any) -> Any:
@@ -154,6 +317,21 @@ def scale_by_temporal_and_mask(
     ``weight_decay_order="after"``); scale it by ``-learning_rate``, or use
     :func:`temporal_and_mask`.
 
+    Hyperparameters are validated on construction with
+    :func:`gradand.temporal.check_temporal_hparams` (a ``TypeError`` or
+    ``ValueError`` naming the argument): Python or NumPy numbers (``bool``
+    refused), or 0-d arrays, which ``optax.inject_hyperparams`` passes and
+    which are validated by their value, at ``init`` and at every eager
+    ``update``. Inside ``jit`` an injected value is a tracer, whose value is
+    not known when the check runs, so a value set in
+    ``state.hyperparams`` (or given by a schedule) and used only under
+    ``jit`` is not checked; set them outside ``jit``, or validate them with
+    :func:`gradand.temporal.check_temporal_hparams` where you set them.
+    ``update`` checks that ``updates`` (and ``params``) have the structure
+    and shapes of the parameters the state was built for (a ``ValueError``
+    naming the leaf otherwise: per-environment updates go through
+    :func:`reduce_environments` first).
+
     Args:
         b1, b2: Adam's moment decay rates.
         beta3: decay rate of the moving average of gradient signs.
@@ -175,16 +353,21 @@ def scale_by_temporal_and_mask(
         >>> direction.round(4), int(state.count)
         (Array([ 1., -1.], dtype=float32), 1)
     """
-    check_temporal_hparams(
-        lr=0.0,
-        betas=(_known("b1", b1), _known("b2", b2)),
-        beta3=_known("beta3", beta3),
-        threshold=_known("threshold", threshold),
-        eps=_known("eps", eps),
-        weight_decay=_known("weight_decay", weight_decay),
+    hp = _check_hparams(
+        0.0,
+        b1=b1,
+        b2=b2,
+        beta3=beta3,
+        threshold=threshold,
+        eps=eps,
+        weight_decay=weight_decay,
         weight_decay_order=weight_decay_order,
     )
-    needs_params = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+    _check_state_dtype(state_dtype)
+    b1, b2, beta3, threshold, eps, weight_decay = (
+        hp[k] for k in ("b1", "b2", "beta3", "threshold", "eps", "weight_decay")
+    )
+    needs_params = not (isinstance(weight_decay, float) and weight_decay == 0)
 
     def init_fn(params: PyTree) -> TemporalAndMaskState:
         def zeros(p: jax.Array) -> jax.Array:
@@ -209,25 +392,31 @@ def scale_by_temporal_and_mask(
                     f"parameters: call update(updates, state, params)"
                 )
             params = updates  # unused: weight_decay is 0
+        leaves, treedef = _check_like(updates, state.mu, "the parameters the state was built for")
+        if params is not updates:
+            _check_like(updates, params, "params")
         count = optax.safe_increment(state.count)
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
         rest = [treedef.flatten_up_to(t) for t in (params, state.mu, state.nu, state.sign_avg)]
+        paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
         out = []
-        for g, p, m, v, s in zip(leaves, *rest):
-            step = temporal_and_mask_step(
-                g,
-                p,
-                m,
-                v,
-                s,
-                count,
-                betas=(b1, b2),
-                beta3=beta3,
-                threshold=threshold,
-                eps=eps,
-                weight_decay=weight_decay,
-                weight_decay_order=weight_decay_order,
-            )
+        for g, p, m, v, s, path in zip(leaves, *rest, paths):
+            try:
+                step = temporal_and_mask_step(
+                    g,
+                    p,
+                    m,
+                    v,
+                    s,
+                    count,
+                    betas=(b1, b2),
+                    beta3=beta3,
+                    threshold=threshold,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                    weight_decay_order=weight_decay_order,
+                )
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"updates{path}: {error}") from None
             fraction = jnp.mean(step.mask, dtype=jnp.float32)
             out.append(
                 (step.direction.astype(g.dtype), step.exp_avg, step.exp_avg_sq, step.sign_avg, fraction)
@@ -259,8 +448,13 @@ def temporal_and_mask(
     included); pass ``hyperparam_dtype=jnp.float32`` there for 16-bit
     parameters, or ``b2=0.999`` is rounded to the parameters' dtype.
 
+    Hyperparameters are validated as in :func:`scale_by_temporal_and_mask`;
+    ``learning_rate`` must be >= 0 (``temporal_and_mask(-0.1)`` raises, where
+    ``optax.adam(-0.1)`` would silently ascend). A schedule's values are not
+    checked.
+
     Args:
-        learning_rate: a float or an optax schedule.
+        learning_rate: a number or an optax schedule (a callable of the step count).
         b1, b2, beta3, threshold, eps, weight_decay, weight_decay_order,
             state_dtype: see :func:`scale_by_temporal_and_mask`.
 
@@ -275,6 +469,17 @@ def temporal_and_mask(
         Array([-0.1,  0.1], dtype=float32)
         >>> state.hyperparams["threshold"] = jnp.asarray(1.0)  # change τ during training
     """
+    if not callable(learning_rate):
+        learning_rate = _check_hparams(
+            learning_rate,
+            b1=b1,
+            b2=b2,
+            beta3=beta3,
+            threshold=threshold,
+            eps=eps,
+            weight_decay=weight_decay,
+            weight_decay_order=weight_decay_order,
+        )["learning_rate"]
     return optax.chain(
         scale_by_temporal_and_mask(
             b1=b1,

@@ -58,13 +58,22 @@ def _supported(m: torch.nn.Module) -> bool:
 
 
 class _Call:
-    """One call of a supported layer: its input (detached) and output (in the graph)."""
+    """One call of a supported layer: its input (detached) and output (in the graph).
 
-    __slots__ = ("module", "x", "x_version", "y", "y_version")
+    ``x_node`` is the autograd node of the input (None when it needs no
+    gradient): the graph outside the call continues there.
+    """
+
+    __slots__ = ("module", "x", "x_node", "x_version", "y", "y_version")
 
     def __init__(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.module, self.x, self.y = module, x, y
+        self.module, self.x, self.y = module, x.detach(), y
         self.x_version, self.y_version = x._version, y._version
+        self.x_node = (
+            x.grad_fn
+            if x.grad_fn is not None or not x.requires_grad
+            else torch.autograd.graph.get_gradient_edge(x).node
+        )
 
     def modified(self) -> bool:
         return self.x._version != self.x_version or self.y._version != self.y_version
@@ -145,11 +154,15 @@ def factored_backward(
     Requirements, as for :func:`vmap_backward`: examples must not interact in
     the forward pass, so BatchNorm in train mode raises ``ValueError``; the
     model must keep the batch axis first in the inputs of supported layers
-    (otherwise those layers fall back). A supported layer's parameters must be
-    used only through that layer's ``forward`` (a weight also read directly,
-    e.g. ``F.linear(x, self.lin.weight)`` elsewhere, would miss that use);
-    parameters of a supported layer that is never called, or that are shared
-    with an unsupported module, fall back.
+    (otherwise those layers fall back). Parameters of a supported layer that
+    is never called, or that are shared with an unsupported module, fall
+    back. So does a parameter also used outside its layers' calls (tied
+    weights read directly, e.g. ``F.linear(x, self.lin.weight.t())``, a
+    regulariser on it in ``loss_fn``): a walk over the autograd graph of the
+    losses, stepping over the recorded calls, finds such a use (a few
+    microseconds per graph node; no tensor work). A layer called several
+    times, or several supported layers sharing one weight, are factored: each
+    call contributes its own ``Δ_eᵀ X_e``.
 
     Every other parameter that requires grad (LayerNorm, embeddings,
     ``nn.MultiheadAttention``'s projections, custom modules, Conv2d with
@@ -260,7 +273,7 @@ def factored_backward(
             and (x.ndim == 4 or not isinstance(m, torch.nn.Conv2d))
         )
         if ok:
-            calls.append(_Call(m, x.detach(), out))
+            calls.append(_Call(m, x, out))
         else:
             bad.add(id(m))
 
@@ -293,18 +306,40 @@ def factored_backward(
     rest: list[torch.Tensor] = []
     for _, p in named:
         ms = owners.get(id(p), [])
-        if ms and all(id(m) in called and id(m) not in bad for m in ms):
+        if (
+            ms
+            and all(id(m) in called and id(m) not in bad for m in ms)
+            and all(p is m.weight or p is m.bias for m in ms)  # not e.g. weight_norm's weight_g
+        ):
             factored[id(p)] = [
                 (c, "weight" if p is c.module.weight else "bias") for m in ms for c in calls if c.module is m
             ]
         else:
             rest.append(p)
+    # A factored parameter also used outside its layers' calls (tied weights, F.linear(x, l.weight.t()),
+    # a loss term): its factored gradient would miss that use, so it falls back too.
+    shared = _used_outside_calls(losses, [p for _, p in named if id(p) in factored], calls)
+    for _, p in named:
+        if id(p) in shared:
+            del factored[id(p)]
+            rest.append(p)
     if rest and fallback == "error":
-        listed = [f"{names[id(p)]} {tuple(p.shape)}" for p in rest]
+        outside = [f"{names[id(p)]} {tuple(p.shape)}" for p in rest if id(p) not in shared]
+        tied = [f"{names[id(p)]} {tuple(p.shape)}" for p in rest if id(p) in shared]
+        reasons = []
+        if outside:
+            reasons.append(f"these parameters are outside them: {outside}")
+        if tied:
+            reasons.append(
+                f"these parameters of such layers are also used outside the layers' calls (tied "
+                f"weights, a functional use such as F.linear(x, layer.weight.t()), or a term of the "
+                f"loss), which their factored gradient would miss: {tied}"
+            )
         raise ValueError(
             f"factored_backward handles parameters of {[t.__name__ for t in FACTORED_LAYERS]} layers "
-            f"called on batch-first inputs; these parameters are outside them: {listed}. Pass "
-            f"fallback='batched' (one vectorised backward pass for them) or use vmap_backward"
+            f"called on batch-first inputs (their weight and bias, used only by those calls); "
+            f"{'; '.join(reasons)}. Pass fallback='batched' (one vectorised backward pass for them) "
+            f"or use vmap_backward"
         )
 
     total = losses.sum() if scale is None else losses.sum() * scale
@@ -377,6 +412,41 @@ def factored_backward(
     return losses.detach().mean(), infos
 
 
+def _used_outside_calls(losses: torch.Tensor, params: list[torch.Tensor], calls: list[_Call]) -> set[int]:
+    """Ids of the factored parameters that the graph of ``losses`` reaches other than through their calls.
+
+    A walk over the autograd graph from ``losses`` that steps over each recorded
+    call (from its output's node straight to its input's node: the call's own
+    uses of its weight and bias are the ones the factored gradient accounts
+    for). A factored parameter's gradient accumulator reached anyway is used
+    elsewhere: a second, unhooked read of the weight (``F.linear(x,
+    l.weight.t())``), a loss term (a regulariser), a weight shared with a
+    custom op. Autocast's cached casts of a weight are shared by its calls and
+    so stepped over too. One visit per node of the graph, no tensor work.
+    """
+    found: set[int] = set()
+    if not params or losses.grad_fn is None:
+        return found
+    targets = {torch.autograd.graph.get_gradient_edge(p).node: id(p) for p in params}
+    steps = {c.y.grad_fn: c.x_node for c in calls if c.y.grad_fn is not None}
+    seen = set()
+    stack = [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in steps:
+            stack.append(steps[node])
+            continue
+        pid = targets.get(node)
+        if pid is not None:
+            found.add(pid)
+            continue
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
 #: Bytes of per-environment gradients per chunk when ``chunk_size`` is None: small enough that
 #: the batched product and the statistics passes over it stay in cache (measured on the spirals
 #: MLP, E=64: 2.1x a plain step unchunked, 1.5x in chunks of 8 environments of 256x256).
@@ -417,7 +487,7 @@ def _stats(g: torch.Tensor, combiner: gradand.Combiner, policy: str, name: str, 
         if policy != "raise":
             return gradand.statistics(g, combiner, axis=0, nan_policy=policy, xp=XP)
         s = gradand.statistics(g, combiner, axis=0, nan_policy="propagate", xp=_FAST_XP)
-        if not bool(torch.isfinite(s.sum).all()):  # every combiner sums g: a NaN/Inf reaches Σ g
+        if not bool(torch.isfinite(s.mean).all()):  # every combiner averages g: a NaN/Inf reaches the mean
             s = gradand.statistics(g, combiner, axis=0, nan_policy="raise", xp=XP)  # the core's error
         return s
     except ValueError as err:
@@ -432,7 +502,7 @@ def _outer_stats(
         if policy != "raise":
             return gradand.outer_statistics(x, d, combiner, nan_policy=policy, xp=XP)
         s = gradand.outer_statistics(x, d, combiner, nan_policy="propagate", xp=_FAST_XP)
-        if not bool(torch.isfinite(s.sum).all()):  # a NaN/Inf in x or d reaches Δᵀ X
+        if not bool(torch.isfinite(s.mean).all()):  # a NaN/Inf in x or d reaches Δᵀ X
             s = gradand.outer_statistics(x, d, combiner, nan_policy="raise", xp=XP)
         return s
     except ValueError as err:

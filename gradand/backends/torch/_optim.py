@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradand.backends.torch._common import XP
@@ -13,6 +14,42 @@ from gradand.temporal import check_temporal_hparams, temporal_and_mask_step
 __all__ = ["TemporalAndMaskAdam"]
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "sign_avg")
+
+
+_HPARAM_KEYS = ("lr", "betas", "beta3", "threshold", "eps", "weight_decay", "weight_decay_order")
+
+
+def _check_group(index: int, group: dict[str, Any]) -> dict[str, Any]:
+    """The core's check of one param group, the error naming the group."""
+    missing = [k for k in _HPARAM_KEYS if k not in group]
+    if missing:
+        raise ValueError(
+            f"param_groups[{index}] has no {missing}; TemporalAndMaskAdam needs {list(_HPARAM_KEYS)}"
+        )
+    try:
+        return check_temporal_hparams(**{k: group[k] for k in _HPARAM_KEYS})
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"param_groups[{index}]: {error}") from None
+
+
+def _snapshot(group: dict[str, Any]) -> tuple[Any, ...]:
+    """The group's hyperparameters as they are now (``betas`` copied: a list can change in place)."""
+    betas = group.get("betas")
+    return tuple(
+        (tuple(betas) if isinstance(betas, (tuple, list)) else betas) if k == "betas" else group.get(k)
+        for k in _HPARAM_KEYS
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` hold the same hyperparameter values (NaN never does: it is checked again)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float, str, np.generic)):
+        return bool(a == b)
+    return a is b
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -34,6 +71,17 @@ class TemporalAndMaskAdam(torch.optim.Optimizer):
     cast to the parameter's dtype) and survives ``state_dict()`` /
     ``load_state_dict()`` unchanged (PyTorch would otherwise cast it to the
     parameter's dtype on load).
+
+    Hyperparameters are validated with
+    :func:`gradand.temporal.check_temporal_hparams` on construction, in
+    ``add_param_group`` and again at every ``step()`` for a group whose values
+    changed since the last step (set by hand or by a learning-rate
+    scheduler); the error names the group, e.g. ``param_groups[1]: threshold
+    must be in [0, 1] ...``. (``torch.optim.Adam`` checks only its
+    constructor's arguments.) They are Python or NumPy numbers (stored as
+    Python floats); ``bool`` and tensors are refused (``torch.optim.Adam``
+    takes tensor ``lr``/``betas`` for capturable and fused steps, which this
+    optimizer does not have), and ``eps`` must be > 0 (Adam allows 0).
 
     Args:
         params: parameters or parameter groups, as for any optimizer.
@@ -69,17 +117,7 @@ class TemporalAndMaskAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         weight_decay_order: str = "after",
     ) -> None:
-        betas = tuple(betas) if isinstance(betas, list) else betas
-        check_temporal_hparams(
-            lr=lr,
-            betas=betas,
-            beta3=beta3,
-            threshold=threshold,
-            eps=eps,
-            weight_decay=weight_decay,
-            weight_decay_order=weight_decay_order,
-        )
-        defaults = dict(
+        defaults = check_temporal_hparams(
             lr=lr,
             betas=betas,
             beta3=beta3,
@@ -91,34 +129,45 @@ class TemporalAndMaskAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, validating its hyperparameters first."""
-        g = {**self.defaults, **param_group}
-        check_temporal_hparams(
-            lr=g["lr"],
-            betas=tuple(g["betas"]),
-            beta3=g["beta3"],
-            threshold=g["threshold"],
-            eps=g["eps"],
-            weight_decay=g["weight_decay"],
-            weight_decay_order=g["weight_decay_order"],
-        )
+        """Add a parameter group, validating its hyperparameters first (stored as Python floats)."""
+        if isinstance(param_group, dict):  # anything else: torch's own TypeError
+            hp = _check_group(len(self.param_groups), {**self.defaults, **param_group})
+            param_group.update({k: hp[k] for k in _HPARAM_KEYS if k in param_group})
         super().add_param_group(param_group)
+
+    def _group_hparams(self, index: int, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's validated hyperparameters; validated again only when one of them changed."""
+        cache = self.__dict__.setdefault("_hparam_cache", {})
+        key = _snapshot(group)
+        hit = cache.get(index)
+        if hit is not None and _same(hit[0], key):
+            return hit[1]
+        hp = _check_group(index, group)
+        cache[index] = (key, hp)
+        return hp
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimisation step (``closure`` re-evaluates the loss, as in ``torch.optim``)."""
+        """One optimisation step (``closure`` re-evaluates the loss, as in ``torch.optim``).
+
+        Each group's hyperparameters are validated again when they changed
+        since the last step (``param_groups[i]["threshold"] = 5`` raises a
+        ``ValueError`` naming the group and the hyperparameter, before any
+        parameter moves).
+        """
+        hparams = [self._group_hparams(i, g) for i, g in enumerate(self.param_groups)]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, (group, hp) in enumerate(zip(self.param_groups, hparams)):
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(
-                        f"TemporalAndMaskAdam does not support sparse gradients (param_groups parameter {i}, "
-                        f"shape {tuple(p.shape)})"
+                        f"TemporalAndMaskAdam does not support sparse gradients (param_groups[{gi}] "
+                        f"parameter {i}, shape {tuple(p.shape)})"
                     )
                 state = self.state[p]
                 if not state:
@@ -135,21 +184,21 @@ class TemporalAndMaskAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"],
                     state["sign_avg"],
                     state["step"],
-                    betas=tuple(group["betas"]),
-                    beta3=group["beta3"],
-                    threshold=group["threshold"],
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    weight_decay_order=group["weight_decay_order"],
+                    betas=hp["betas"],
+                    beta3=hp["beta3"],
+                    threshold=hp["threshold"],
+                    eps=hp["eps"],
+                    weight_decay=hp["weight_decay"],
+                    weight_decay_order=hp["weight_decay_order"],
                     xp=XP,
                 )
                 state["exp_avg"].copy_(out.exp_avg)
                 state["exp_avg_sq"].copy_(out.exp_avg_sq)
                 state["sign_avg"].copy_(out.sign_avg)
                 if p.dtype == out.direction.dtype:
-                    p.add_(out.direction, alpha=-group["lr"])
+                    p.add_(out.direction, alpha=-hp["lr"])
                 else:  # half-precision parameter: update in float32, round once
-                    p.copy_(p.to(out.direction.dtype) - group["lr"] * out.direction)
+                    p.copy_(p.to(out.direction.dtype) - hp["lr"] * out.direction)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
