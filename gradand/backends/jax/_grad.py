@@ -22,6 +22,7 @@ from gradand import Combiner
 from gradand.backends.jax._tree import (
     AxisName,
     PyTree,
+    _is_stats,
     check_combiner,
     check_nan_policy,
     finalize,
@@ -314,6 +315,9 @@ def value_and_grad(
                 stats = merge_trees(stats, rest)
                 cat = functools.partial(jax.tree.map, lambda x, y: jnp.concatenate([x, y]))
                 losses, aux = cat(losses, rest_losses), cat(aux, rest_aux)
+            # the carry counted in a traced int; the number of environments is static: keep it
+            # a Python int, so the threshold test compares integer votes exactly
+            stats = jax.tree.map(lambda st: st.replace(count=envs), stats, is_leaf=_is_stats)
         acc = jnp.promote_types(losses.dtype, jnp.float32)
         total, count = jnp.sum(losses, dtype=acc), envs
         if axis_name is not None:
