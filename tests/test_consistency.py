@@ -182,9 +182,15 @@ def test_bad_hessians_get_clear_errors(hessians, match):
         C.inconsistency(hessians)
 
 
-@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf"), "1"])
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_epsilon_is_rejected(eps):
     with pytest.raises(ValueError, match="epsilon"):
+        C.inconsistency(np.ones((2, 2)), epsilon=eps)
+
+
+@pytest.mark.parametrize("eps", ["1", None, True, [1.0]])
+def test_epsilon_of_the_wrong_type_is_a_type_error(eps):
+    with pytest.raises(TypeError, match="epsilon must be a real number"):
         C.inconsistency(np.ones((2, 2)), epsilon=eps)
 
 
