@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
+from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -68,6 +70,7 @@ def check_temporal_hparams(
     eps: float,
     weight_decay: float,
     weight_decay_order: str,
+    names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Validate the temporal AND-mask's hyperparameters, naming the bad one; return them as floats.
 
@@ -79,7 +82,8 @@ def check_temporal_hparams(
     infinite, raises ``ValueError``. The ranges: ``lr >= 0``, ``betas`` a pair
     and ``beta1, beta2, beta3`` in ``[0, 1)``, ``threshold`` in ``[0, 1]``,
     ``eps > 0``, ``weight_decay >= 0``, ``weight_decay_order`` ``"before"`` or
-    ``"after"``.
+    ``"after"``. ``names`` renames the arguments in the error messages as a
+    framework calls them (``{"lr": "learning_rate", "betas[0]": "b1"}`` for optax).
 
     Returns:
         The hyperparameters as Python floats (``betas`` a tuple), keyed by
@@ -100,6 +104,20 @@ def check_temporal_hparams(
         ...
         ValueError: threshold must be in [0, 1] (...); got 5
     """
+    try:
+        return _checked_hparams(lr, betas, beta3, threshold, eps, weight_decay, weight_decay_order)
+    except (TypeError, ValueError) as error:
+        if not names:
+            raise
+        message = str(error)
+        for core, name in names.items():  # the message starts with the argument's name
+            message = re.sub(rf"^{re.escape(core)}(?![\w\[])", name, message)
+        raise type(error)(message) from None
+
+
+def _checked_hparams(
+    lr: Any, betas: Any, beta3: Any, threshold: Any, eps: Any, weight_decay: Any, weight_decay_order: Any
+) -> dict[str, Any]:
     lr_value = _real("lr", lr)
     if lr_value < 0:
         raise ValueError(f"lr must be >= 0; got {lr!r}")

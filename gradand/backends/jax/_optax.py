@@ -10,7 +10,6 @@ its math is :func:`gradand.temporal.temporal_and_mask_step`, called per leaf.
 from __future__ import annotations
 
 import numbers
-import re
 from typing import Any, NamedTuple
 
 import jax
@@ -199,7 +198,7 @@ _DEFAULTS = {
 }
 
 # core argument name (regex) -> this module's argument name
-_ARGUMENT_NAMES = ((r"^lr\b", "learning_rate"), (r"^betas\[0\]", "b1"), (r"^betas\[1\]", "b2"))
+_ARGUMENT_NAMES = {"lr": "learning_rate", "betas[0]": "b1", "betas[1]": "b2"}
 
 
 def _hparam(name: str, value: Any) -> tuple[Any, Any]:
@@ -239,21 +238,16 @@ def _check_hparams(learning_rate: Any, **kwargs: Any) -> dict[str, Any]:
         lr = 0.0
     else:
         use["learning_rate"], lr = _hparam("learning_rate", learning_rate)
-    try:
-        check_temporal_hparams(
-            lr=lr,
-            betas=(check["b1"], check["b2"]),
-            beta3=check["beta3"],
-            threshold=check["threshold"],
-            eps=check["eps"],
-            weight_decay=check["weight_decay"],
-            weight_decay_order=check["weight_decay_order"],
-        )
-    except (TypeError, ValueError) as error:  # name the arguments as this module does
-        message = str(error)
-        for core, name in _ARGUMENT_NAMES:
-            message = re.sub(core, name, message)
-        raise type(error)(message) from None
+    check_temporal_hparams(
+        lr=lr,
+        betas=(check["b1"], check["b2"]),
+        beta3=check["beta3"],
+        threshold=check["threshold"],
+        eps=check["eps"],
+        weight_decay=check["weight_decay"],
+        weight_decay_order=check["weight_decay_order"],
+        names=_ARGUMENT_NAMES,  # named as this module names them
+    )
     return use
 
 

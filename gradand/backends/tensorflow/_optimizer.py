@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import re
 from typing import Any, NamedTuple
 
 import keras
@@ -16,13 +15,13 @@ from gradand.temporal import check_temporal_hparams, temporal_and_mask_step
 __all__ = ["TemporalAndMask"]
 
 # core argument name (regex) -> this optimizer's argument name
-_ARGUMENT_NAMES = (
-    (r"^lr\b", "learning_rate"),
-    (r"^betas\[0\]", "beta_1"),
-    (r"^betas\[1\]", "beta_2"),
-    (r"^beta3\b", "beta_3"),
-    (r"^eps\b", "epsilon"),
-)
+_ARGUMENT_NAMES = {
+    "lr": "learning_rate",
+    "betas[0]": "beta_1",
+    "betas[1]": "beta_2",
+    "beta3": "beta_3",
+    "eps": "epsilon",
+}
 
 
 _UNSET = object()  # no learning rate given to _check
@@ -52,21 +51,16 @@ def _check(learning_rate: Any, **hp: Any) -> dict[str, Any]:
             f"or a callable; got {learning_rate!r} ({type(learning_rate).__name__})"
         )
     numeric = isinstance(learning_rate, numbers.Real)
-    try:
-        out = check_temporal_hparams(
-            lr=learning_rate if numeric else 0.0,
-            betas=(hp["beta_1"], hp["beta_2"]),
-            beta3=hp["beta_3"],
-            threshold=hp["threshold"],
-            eps=hp["epsilon"],
-            weight_decay=hp["weight_decay"],
-            weight_decay_order=hp["weight_decay_order"],
-        )
-    except (TypeError, ValueError) as error:  # name the arguments as this class does
-        message = str(error)
-        for core, keras_name in _ARGUMENT_NAMES:
-            message = re.sub(core, keras_name, message)
-        raise type(error)(message) from None
+    out = check_temporal_hparams(
+        lr=learning_rate if numeric else 0.0,
+        betas=(hp["beta_1"], hp["beta_2"]),
+        beta3=hp["beta_3"],
+        threshold=hp["threshold"],
+        eps=hp["epsilon"],
+        weight_decay=hp["weight_decay"],
+        weight_decay_order=hp["weight_decay_order"],
+        names=_ARGUMENT_NAMES,  # named as this class names them
+    )
     return {
         "learning_rate": out["lr"] if numeric else learning_rate,
         "beta_1": out["betas"][0],
