@@ -8,22 +8,34 @@
 Every command prints a summary table and the paper's claims checked on the
 measured numbers, writes ``DIR/<experiment>.json`` atomically (an existing
 result is kept unless ``--force``) and a PNG plot (with matplotlib).
-``--quick`` runs a small version in seconds. Bad arguments get a one-line
-error and exit status 2.
+``--quick`` runs a small version in seconds. Bad arguments, and sizes beyond
+:data:`LIMITS`, get a one-line error and exit status 2.
+
+Under faults: the JSON and the PNG are written as one set (an interrupt at
+any moment leaves the earlier set or the new one, and no temporary file);
+Ctrl-C (SIGINT) ends with one line saying what was written and exit status
+130, SIGTERM and SIGHUP likewise with 128 + the signal number; worker
+processes (``spirals --jobs N``) are terminated within seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import platform
+import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from gradand.experiments._report import ResultFiles
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -44,8 +56,44 @@ EXPERIMENTS: dict[str, tuple[tuple[str, ...], str, int]] = {
 }
 
 
+#: The largest value of each numeric option (and of ``--seeds`` and ``--thresholds``: how many).
+#: Far beyond the paper's settings, and below what makes a run die of memory exhaustion.
+LIMITS: dict[str, int | float] = {
+    "--seeds": 1000,
+    "--steps": 100_000,
+    "--envs": 1000,
+    "--examples-per-env": 100_000,
+    "--n-test": 1_000_000,
+    "--shortcut-dims": 1000,
+    "--shortcut-scale": 1e6,
+    "--revolutions": 100.0,
+    "--epochs": 100_000,
+    "--thresholds": 100,
+    "--n-train": 50_000,
+    "--probes": 100_000,
+    "--epsilon": 1e6,
+}
+
+#: The largest seed: what every framework's seeding accepts (2**32 - 1).
+MAX_SEED = 2**32 - 1
+
+#: Floats one spirals data set may hold: (--envs x --examples-per-env + --n-test) x (2 + --shortcut-dims).
+MAX_SPIRALS_VALUES = 100_000_000
+
+#: ``--jobs`` and ``--threads``: at most this many per CPU this process may use.
+PER_CPU = 4
+
+
 class CLIError(Exception):
     """A user error: printed as one line on stderr, exit status 2."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that clean-up (workers, temporary files) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,67 +103,145 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(message)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def _one_line(text: str, limit: int = 1000) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A value as typed, shortened for an error message (``999…(5000 characters)``)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:20]}…({len(text)} characters)"
+
+
+_INTEGER = re.compile(r"\s*[+-]?\d+(_\d+)*\s*")
+
+
+def _parse_int(text: str) -> int | None:
+    """``int(text)``; ``None`` for a valid integer too long to convert (Python's 4300-digit limit)."""
+    try:
+        return int(text)
+    except ValueError:
+        if _INTEGER.fullmatch(text):
+            return None
+        raise
 
 
 def _parse_seeds(text: str) -> tuple[int, ...]:
     """``"3"`` → seeds 0, 1, 2; ``"0,5,9"`` → those seeds."""
+    limit = int(LIMITS["--seeds"])
     bad = CLIError(
-        f"--seeds {text!r}: expected a count (e.g. 3 for seeds 0,1,2) or a comma-separated list of "
-        f"seeds (e.g. 0,5,9), all integers >= 0"
+        f"--seeds {_shown(text)!r}: expected a count (e.g. 3 for seeds 0,1,2) or a comma-separated list "
+        f"of seeds (e.g. 0,5,9), all integers >= 0"
     )
     parts = [p.strip() for p in text.split(",")]
+    if len(parts) > limit:
+        raise CLIError(f"--seeds: {len(parts)} seeds listed; at most {limit}")
     try:
-        values = [int(p) for p in parts]
+        values = [_parse_int(p) for p in parts]
     except ValueError:
         raise bad from None
     if len(values) == 1:
-        if values[0] < 1:
-            raise CLIError(f"--seeds {text!r}: the number of seeds must be >= 1")
-        return tuple(range(values[0]))
-    if any(v < 0 for v in values):
+        n = values[0]
+        if n is not None and n < 1:
+            raise CLIError(f"--seeds {_shown(text)!r}: the number of seeds must be >= 1")
+        if n is None or n > limit:
+            raise CLIError(f"--seeds {_shown(text)}: too many seeds; at most {limit}")
+        return tuple(range(n))
+    if any(v is not None and v < 0 for v in values):
         raise bad
+    if any(v is None or v > MAX_SEED for v in values):
+        big = next(p for p, v in zip(parts, values) if v is None or v > MAX_SEED)
+        raise CLIError(f"--seeds: seed {_shown(big)} is too large; at most {MAX_SEED}")
     if len(set(values)) != len(values):
-        raise CLIError(f"--seeds {text!r}: a seed appears twice")
-    return tuple(values)
+        raise CLIError(f"--seeds {_shown(text)!r}: a seed appears twice")
+    return tuple(v for v in values if v is not None)
+
+
+def _no_repeats(option: str, text: str, items: Sequence[Any]) -> None:
+    seen: set[Any] = set()
+    for item in items:
+        if item in seen:
+            raise CLIError(f"{option} {_shown(text)!r}: {item} appears twice")
+        seen.add(item)
 
 
 def _parse_threshold(text: str, option: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise CLIError(f"{option} {text!r}: τ must be a number in [0, 1]") from None
+        raise CLIError(f"{option} {_shown(text)!r}: τ must be a number in [0, 1]") from None
     if not 0.0 <= value <= 1.0:
         raise CLIError(
-            f"{option} {text}: τ is out of range; it must be in [0, 1] (the fraction of environments "
+            f"{option} {_shown(text)}: τ is out of range; it must be in [0, 1] (the fraction of environments "
             f"that must agree in sign)"
         )
     return value
 
 
-def _positive_int(option: str) -> Callable[[str], int]:
+def _cpu_limit() -> int:
+    from gradand.experiments._parallel import available_cpus
+
+    return PER_CPU * available_cpus()
+
+
+def _integer(option: str, minimum: int = 1, *, per_cpu: bool = False) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in [minimum, ``LIMITS[option]``] (or ``PER_CPU`` x the CPUs)."""
+
     def parse(text: str) -> int:
+        if per_cpu:
+            limit, why = _cpu_limit(), f" ({PER_CPU} per CPU this process may use)"
+        else:
+            limit, why = int(LIMITS[option]), ""
         try:
-            value = int(text)
+            value = _parse_int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+            raise argparse.ArgumentTypeError(f"{_shown(text)!r} is not an integer") from None
+        if (value is None and text.strip().startswith("-")) or (value is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"{_shown(text.strip())} must be >= {minimum}")
+        if value is None or value > limit:
+            raise argparse.ArgumentTypeError(f"{_shown(text.strip())} is too large; at most {limit}{why}")
         return value
 
     parse.__name__ = option
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
-    return value
+def _positive_int(option: str) -> Callable[[str], int]:
+    return _integer(option, 1)
+
+
+def _number(option: str, *, positive: bool) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite float option, > 0 or >= 0, at most ``LIMITS[option]``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{_shown(text)!r} is not a number") from None
+        low = "> 0" if positive else ">= 0"
+        if value != value or value in (float("inf"), float("-inf")) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"{_shown(text.strip())} must be finite and {low}")
+        if value > LIMITS[option]:
+            raise argparse.ArgumentTypeError(
+                f"{_shown(text.strip())} is too large; at most {LIMITS[option]:g}"
+            )
+        return value
+
+    parse.__name__ = option
+    return parse
+
+
+def _directory(text: str) -> str:
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{_shown(text)!r} is not a directory name")
+    return text
+
+
+def _device(text: str) -> str:
+    if len(text) > 64 or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{_shown(text)!r} is not a device (cpu, cuda, cuda:N or mps)")
+    return text
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -131,9 +257,18 @@ def _common_options() -> argparse.ArgumentParser:
         help="a count (3 = seeds 0,1,2) or a comma-separated list (0,5,9); "
         "default: 3 for spirals/consistency (1 for spirals --quick), 1 otherwise",
     )
-    g.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (torch, jax, tensorflow)")
     g.add_argument(
-        "--out", default="gradand-results", metavar="DIR", help="output directory (default: %(default)s)"
+        "--device",
+        default="cpu",
+        type=_device,
+        help="cpu (default), cuda or cuda:N (torch, jax, tensorflow)",
+    )
+    g.add_argument(
+        "--out",
+        default="gradand-results",
+        type=_directory,
+        metavar="DIR",
+        help="output directory (default: %(default)s)",
     )
     g.add_argument("--quick", action="store_true", help="a small version that runs in seconds")
     g.add_argument("--force", action="store_true", help="overwrite an existing result")
@@ -141,9 +276,9 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars or per-run lines on stderr")
     g.add_argument(
         "--threads",
-        type=_positive_int("--threads"),
+        type=_integer("--threads", per_cpu=True),
         help="CPU threads for torch or tensorflow (default: the framework's choice; 1 is faster on a "
-        "busy machine)",
+        f"busy machine; at most {PER_CPU} per CPU)",
     )
     return common
 
@@ -192,19 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", help="τ of the AND-mask and geometric mean (default 1.0)")
     sp.add_argument("--envs", type=_positive_int("--envs"), help="training environments")
     sp.add_argument(
-        "--examples-per-env", type=_positive_int("--examples-per-env"), help="examples per environment"
+        "--examples-per-env", type=_integer("--examples-per-env", 2), help="examples per environment"
     )
-    sp.add_argument("--n-test", type=_positive_int("--n-test"), help="test examples")
-    sp.add_argument("--shortcut-dims", type=int, help="shortcut dimensions (>= 0)")
-    sp.add_argument("--shortcut-scale", type=float, help="standard deviation of the shortcut vectors")
-    sp.add_argument("--revolutions", type=_positive_float, help="turns of each spiral")
+    sp.add_argument("--n-test", type=_integer("--n-test", 2), help="test examples")
+    sp.add_argument("--shortcut-dims", type=_integer("--shortcut-dims", 0), help="shortcut dimensions (>= 0)")
+    sp.add_argument(
+        "--shortcut-scale",
+        type=_number("--shortcut-scale", positive=False),
+        help="standard deviation of the shortcut vectors",
+    )
+    sp.add_argument(
+        "--revolutions", type=_number("--revolutions", positive=True), help="turns of each spiral"
+    )
     sp.add_argument("--epochs", type=_positive_int("--epochs"), help="training epochs")
     sp.add_argument(
         "--jobs",
-        type=_positive_int("--jobs"),
+        type=_integer("--jobs", per_cpu=True),
         help="runs (method x seed) trained side by side in worker processes (default: one per CPU "
         "core on cpu, 1 on an accelerator or with --quick); --threads is then per worker "
-        "(default: the cores split between workers)",
+        f"(default: the cores split between workers); at most {PER_CPU} per CPU",
     )
 
     mem = experiments.add_parser(
@@ -232,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(aligned): OR and AND landscapes, determinants, sublevel areas, I^ε closed form and "
         "sampled (one estimate per seed), and the Proposition 3 bound.",
     )
-    con.add_argument("--epsilon", type=_positive_float, default=1.0, help="loss level ε (default 1)")
+    con.add_argument(
+        "--epsilon", type=_number("--epsilon", positive=True), default=1.0, help="loss level ε (default 1)"
+    )
     con.add_argument(
         "--probes", type=_positive_int("--probes"), help="probe directions per seed (default 256)"
     )
@@ -275,19 +418,21 @@ def _check_device(backend: str, device: str) -> str:
     return device
 
 
-def _result_paths(args: argparse.Namespace, stem: str) -> tuple[Path, Path]:
-    from gradand.experiments._report import check_writable
+def _result_files(args: argparse.Namespace, stem: str) -> ResultFiles:
+    from gradand.experiments._report import ResultFiles, check_writable
 
     try:
         out = check_writable(args.out)
     except OSError as e:
         raise CLIError(str(e)) from None
-    json_path = out / f"{stem}.json"
-    if json_path.exists() and not args.force:
-        raise CLIError(f"{str(json_path)!r} already exists; pass --force to overwrite it (or --out DIR)")
-    if json_path.is_dir():
-        raise CLIError(f"{str(json_path)!r} is a directory; choose another --out")
-    return json_path, out / f"{stem}.png"
+    files = ResultFiles(out / f"{stem}.json", out / f"{stem}.png")
+    for path in (files.json_path, files.png_path):
+        if path.is_dir():
+            raise CLIError(f"{str(path)!r} is a directory; choose another --out")
+    there = files.existing()
+    if there and not args.force:
+        raise CLIError(f"{str(there[0])!r} already exists; pass --force to overwrite it (or --out DIR)")
+    return files
 
 
 def _log(args: argparse.Namespace) -> Callable[[str], None] | None:
@@ -339,13 +484,15 @@ def _spirals(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -> 
         "revolutions": args.revolutions,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides.get("shortcut_dims", 0) < 0:
-        raise CLIError(f"--shortcut-dims {args.shortcut_dims}: must be >= 0")
-    if overrides.get("shortcut_scale", 0) < 0:
-        raise CLIError(f"--shortcut-scale {args.shortcut_scale}: must be >= 0")
-    if overrides.get("examples_per_env", 2) < 2 or overrides.get("n_test", 2) < 2:
-        raise CLIError("--examples-per-env and --n-test must be >= 2")
     data = dataclasses.replace(data, **overrides)
+    features = 2 + data.shortcut_dims
+    values = (data.n_envs * data.examples_per_env + data.n_test) * features
+    if values > MAX_SPIRALS_VALUES:
+        raise CLIError(
+            f"the data would hold {values:.3g} numbers per seed: (--envs {data.n_envs} x "
+            f"--examples-per-env {data.examples_per_env} + --n-test {data.n_test}) x (2 + --shortcut-dims "
+            f"{data.shortcut_dims}); at most {MAX_SPIRALS_VALUES:.0e} ({MAX_SPIRALS_VALUES * 8 // 2**20} MiB)"
+        )
     # the generator validates its parameters: try them on a tiny version before any training
     dataclasses.replace(data, examples_per_env=2, n_test=2).make(0)
     train_changes: dict[str, Any] = {}
@@ -359,11 +506,13 @@ def _spirals(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -> 
     methods = spirals.METHODS
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        unknown = [m for m in methods if m not in spirals.METHODS]
+        unknown = [_shown(m) for m in methods if m not in spirals.METHODS]
         if unknown or not methods:
             raise CLIError(
-                f"--methods {args.methods!r}: unknown {unknown}; choose from {', '.join(spirals.METHODS)}"
+                f"--methods {_shown(args.methods)!r}: unknown {unknown[:5]}; choose from "
+                f"{', '.join(spirals.METHODS)}"
             )
+        _no_repeats("--methods", args.methods, methods)
     custom = bool(overrides or train_changes or args.methods)
     label = name if not custom else f"{name} (modified)"
 
@@ -391,16 +540,20 @@ def _memorization(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]
     from gradand.experiments import memorization as mem
 
     if args.thresholds is not None:
-        thresholds = tuple(_parse_threshold(t.strip(), "--thresholds") for t in args.thresholds.split(","))
+        parts = args.thresholds.split(",")
+        if len(parts) > LIMITS["--thresholds"]:
+            raise CLIError(f"--thresholds: {len(parts)} values listed; at most {LIMITS['--thresholds']}")
+        thresholds = tuple(_parse_threshold(t.strip(), "--thresholds") for t in parts)
         if len(set(thresholds)) != len(thresholds):
-            raise CLIError(f"--thresholds {args.thresholds!r}: a value appears twice")
+            raise CLIError(f"--thresholds {_shown(args.thresholds)!r}: a value appears twice")
     else:
         thresholds = mem.QUICK_THRESHOLDS if args.quick else mem.THRESHOLDS
     labels = mem.LABELS
     if args.labels is not None:
         labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
         if not labels or any(x not in mem.LABELS for x in labels):
-            raise CLIError(f"--labels {args.labels!r}: expected random, true or random,true")
+            raise CLIError(f"--labels {_shown(args.labels)!r}: expected random, true or random,true")
+        _no_repeats("--labels", args.labels, labels)
     name = "quick" if args.quick else "default"
     setting = mem.PRESETS[name]
     if args.dataset == "cifar10":
@@ -425,6 +578,10 @@ def _memorization(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]
             data = mem.load_digits(n_train=setting.n_train)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise CLIError(str(e)) from None
+    except Exception as e:  # unreadable or corrupt files under --data-dir
+        raise CLIError(
+            f"--data-dir {_shown(args.data_dir, 200)!r}: could not read CIFAR-10: {type(e).__name__}: {e}"
+        ) from None
 
     def go() -> Any:
         return mem.run(
@@ -492,25 +649,44 @@ def _versions(backend: str) -> dict[str, str]:
 
 
 def _print_report(report: Any) -> None:
-    print(report.table)
+    _say(report.table)
     for note in report.notes:
-        print(f"note: {note}")
-    print()
+        _say(f"note: {note}")
+    _say()
     failed = 0
     for check in report.checks:
         mark = "reproduced    " if check.passed else "NOT REPRODUCED"
         failed += not check.passed
-        print(f"[{mark}] {check.claim}")
+        _say(f"[{mark}] {check.claim}")
     if report.checks:
         if failed:
-            print(
-                f"{failed} of {len(report.checks)} claims did NOT reproduce (numbers above and in the JSON)"
-            )
+            _say(f"{failed} of {len(report.checks)} claims did NOT reproduce (numbers above and in the JSON)")
         else:
-            print(f"all {len(report.checks)} claims reproduced")
+            _say(f"all {len(report.checks)} claims reproduced")
 
 
-def _run(argv: Sequence[str]) -> int:
+class _Session:
+    """What :func:`main` needs to say truthfully what a run left on disk when it stops early."""
+
+    def __init__(self) -> None:
+        self.results: ResultFiles | None = None  # once the output directory is checked
+        self.stopping = False  # an interrupt was raised (or the run is over): ignore further signals
+
+    def outcome(self) -> str:
+        return "no result written" if self.results is None else self.results.describe()
+
+
+def _say(text: str = "") -> None:
+    """Print on stdout; a closed stdout (``gradand ... | head``) does not stop the run."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _run(argv: Sequence[str], session: _Session) -> int:
     args = build_parser().parse_args(argv)
     experiment = args.experiment
     backend = _check_backend(experiment, args.backend)
@@ -521,7 +697,7 @@ def _run(argv: Sequence[str]) -> int:
         seeds = tuple(range(1 if args.quick and experiment != "consistency" else EXPERIMENTS[experiment][2]))
     if args.threads is not None:
         _set_threads(backend, args.threads)
-    from gradand.experiments._report import have_matplotlib, save_figure, write_json_atomic
+    from gradand.experiments._report import ResultExistsError, have_matplotlib
 
     # Everything is validated before any training: arguments (by the handler), the output
     # directory and whether the result already exists.
@@ -529,7 +705,8 @@ def _run(argv: Sequence[str]) -> int:
         stem, go = HANDLERS[experiment](args, backend, seeds)
     except ValueError as e:  # an experiment's own validation of its settings
         raise CLIError(str(e)) from None
-    json_path, png_path = _result_paths(args, stem)
+    results = _result_files(args, stem)
+    session.results = results
     start = time.perf_counter()
     report = go()
     wall = time.perf_counter() - start
@@ -546,21 +723,21 @@ def _run(argv: Sequence[str]) -> int:
         "platform": platform.platform(),
         "versions": _versions(backend),
     }
+    plot = not args.no_plot and report.draw is not None
+    draw = report.draw if plot and have_matplotlib() else None
     try:
-        write_json_atomic(json_path, document, force=args.force)
+        results.write(document, draw, force=args.force)
+    except ResultExistsError as e:
+        raise CLIError(f"{e} (it appeared during the run); {results.describe()}") from None
     except OSError as e:
-        raise CLIError(f"could not write {str(json_path)!r}: {e}") from None
-    print(f"\nresult: {json_path} ({wall:.1f} s)")
-    if args.no_plot or report.draw is None:
-        return 0
-    if not have_matplotlib():
-        print("plot skipped: matplotlib is not installed (pip install 'gradand[experiments]')")
-        return 0
-    try:
-        save_figure(png_path, report.draw)
-    except OSError as e:
-        raise CLIError(f"could not write {str(png_path)!r}: {e}") from None
-    print(f"plot:   {png_path}")
+        raise CLIError(f"could not write {e.filename!r}: {e.strerror}; {results.describe()}") from None
+    _say(f"\nresult: {results.json_path} ({wall:.1f} s)")
+    if draw is not None:
+        _say(f"plot:   {results.png_path}")
+    elif plot:
+        _say("plot skipped: matplotlib is not installed (pip install 'gradand[experiments]')")
+    for path in results.removed:
+        _say(f"removed: {path} (the earlier result's plot; this result has none)")
     return 0
 
 
@@ -576,8 +753,55 @@ def _threads(backend: str) -> int | None:
     return None
 
 
+#: Signals that stop a run: SIGINT as KeyboardInterrupt (exit 130), the others as _Terminated (128 + n).
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _signals_raise(session: _Session) -> Iterator[None]:
+    """Turn the first SIGINT, SIGTERM or SIGHUP into an exception in the main thread; ignore later ones.
+
+    The exception unwinds the run, so clean-up runs (workers terminated, temporary files
+    removed); later signals do not interrupt that clean-up. A signal the caller ignores
+    (``nohup``, a background job) stays ignored, and one another handler owns is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if session.stopping:
+            return
+        session.stopping = True
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise _Terminated(signum)
+
+    previous = {}
+    for signum in _STOP_SIGNALS:
+        current = signal.getsignal(signum)
+        usual = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        if current is usual:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        session.stopping = True
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _error(text: str) -> None:
+    with contextlib.suppress(OSError):
+        print(f"gradand: {_one_line(text)}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradand`` command; returns the exit status.
+
+    0: done; 2: a bad argument (one line on stderr, nothing run); 130: interrupted
+    (Ctrl-C); 128 + n: stopped by signal n (143 for SIGTERM). An interrupted run
+    says on stderr which result files it wrote, if any.
 
     Example:
         >>> import tempfile
@@ -590,14 +814,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    session = _Session()
+    with _signals_raise(session):
+        try:
+            code = _main(argv, session)
+            session.stopping = True
+        except KeyboardInterrupt:
+            session.stopping = True
+            _error(f"interrupted ({session.outcome()})")
+            code = 130
+        except _Terminated as e:
+            session.stopping = True
+            _error(f"terminated by {signal.Signals(e.signum).name} ({session.outcome()})")
+            code = 128 + e.signum
+    return code
+
+
+def _main(argv: Sequence[str], session: _Session) -> int:
     try:
-        return _run(argv)
+        return _run(argv, session)
     except CLIError as e:
-        print(f"gradand: error: {_one_line(str(e))}", file=sys.stderr)
+        session.stopping = True
+        _error(f"error: {e}")
         return 2
-    except KeyboardInterrupt:
-        print("gradand: interrupted (no result written)", file=sys.stderr)
-        return 130
+    except MemoryError:
+        session.stopping = True
+        _error(f"error: out of memory ({session.outcome()}); try smaller sizes (--seeds, --envs, ...)")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

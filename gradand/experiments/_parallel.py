@@ -8,16 +8,28 @@ TensorFlow and XLA keep thread pools that do not survive a fork) and set
 their framework's thread count before any work, so a run computes the same
 numbers whichever worker runs it, given the same thread count.
 
+Stopping is prompt: when the main process is interrupted (Ctrl-C, or SIGTERM
+turned into an exception by the caller) or a job fails, the workers are
+terminated at once rather than left to finish their runs. Workers ignore
+SIGINT, so Ctrl-C in a terminal (which signals every process of the
+foreground group) is answered by the main process alone, without a
+traceback from each worker; on Linux a worker also ends when the main
+process dies without cleaning up (``PR_SET_PDEATHSIG``).
+
 Standard library only.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 __all__ = ["available_cpus", "run_jobs", "set_threads", "worker_plan"]
@@ -91,9 +103,65 @@ def set_threads(backend: str, n: int) -> None:
         )
 
 
-def _init_worker(backend: str, threads: int | None) -> None:
+#: Seconds a terminated worker gets to exit before it is killed.
+_STOP_GRACE_S = 3.0
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this process when ``parent`` dies (even by SIGKILL); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no libc / no prctl
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(backend: str, threads: int | None, parent: int) -> None:
+    # Ctrl-C reaches every process of the terminal's foreground group: the main process
+    # answers it (and terminates the workers); a worker ignores it instead of printing a
+    # traceback. (It was blocked at spawn time too, so it cannot land during start-up.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
     if threads is not None:
         set_threads(backend, threads)
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while workers are spawned (they inherit the mask).
+
+    A Ctrl-C meanwhile stays pending and is delivered when the block ends.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop(pool: cf.ProcessPoolExecutor) -> None:
+    """Cancel what has not started and terminate the workers now (killed after a grace period)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            p.terminate()
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for p in processes:
+        with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
 
 
 def run_jobs(
@@ -110,8 +178,10 @@ def run_jobs(
     ``fn`` must be a module-level function and every job picklable. With one
     worker everything runs in this process (its thread count pinned when
     ``threads`` is given). ``on_done(index, result)`` is called in this
-    process as each job finishes. The first job that raises cancels the
-    jobs not yet started and its exception propagates.
+    process as each job finishes. The first job that raises, or an
+    exception in this process (``KeyboardInterrupt``, or whatever a SIGTERM
+    handler raises), cancels the jobs not yet started, terminates the
+    workers (running jobs included, within seconds) and propagates.
 
     Example:
         >>> from gradand.experiments._parallel import run_jobs
@@ -120,24 +190,30 @@ def run_jobs(
     """
     results: list[Any] = [None] * len(jobs)
     if workers <= 1:
-        _init_worker(backend, threads)
+        if threads is not None:
+            set_threads(backend, threads)
         for i, job in enumerate(jobs):
             results[i] = fn(*job)
             if on_done is not None:
                 on_done(i, results[i])
         return results
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(backend, threads)
-    ) as pool:
-        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
-        try:
-            for future in cf.as_completed(futures):
-                i = futures[future]
-                results[i] = future.result()
-                if on_done is not None:
-                    on_done(i, results[i])
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    pool = cf.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(backend, threads, os.getpid()),
+    )
+    try:
+        with _sigint_blocked():  # workers are spawned by submit(): none starts able to see a Ctrl-C
+            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+        for future in cf.as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()
+            if on_done is not None:
+                on_done(i, results[i])
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
     return results
