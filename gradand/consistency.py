@@ -560,13 +560,21 @@ def karcher_mean(matrices: Any, *, tol: float = 1e-12, max_iter: int = 200) -> n
     if all(np.array_equal(x, h[0]) for x in h[1:]):
         return h[0].copy()
     e = h.shape[0]
-    # the scaled matrices' mean, times the geometric mean of the powers of two
-    log2_scale = float(np.mean(np.log2(s.scale)))
+    # the scaled matrices' mean, times the geometric mean of the powers of two s_e = 2^k_e:
+    # 2^(Σk/E) = 2^whole · 2^(rest/E), so no rounding of a large exponent reaches the result
+    whole, rest = divmod(int(np.sum(np.frexp(s.scale)[1] - 1)), e)
+
+    def unscale(x: np.ndarray) -> np.ndarray:
+        return np.ldexp(x * 2.0 ** (rest / e), whole)
+
     if diagonal:
-        return np.exp(np.log(s.h).mean(axis=0)) * 2.0**log2_scale
+        return unscale(np.exp(np.log(s.h).mean(axis=0)))
     if e == 2:
-        frame = _whitener(s.h[0], s.w[0], s.u[0])
-        lam, v = np.linalg.eigh(frame.whiten(s.h[1]))
+        # whiten by the better-conditioned matrix (ties broken by the entries), so that the
+        # mean of (A, B) and of (B, A) are the same numbers
+        first, second = sorted((0, 1), key=lambda i: (float(s.w[i, -1] / s.w[i, 0]), s.h[i].ravel().tolist()))
+        frame = _whitener(s.h[first], s.w[first], s.u[first])
+        lam, v = np.linalg.eigh(frame.whiten(s.h[second]))
         root = (v * np.sqrt(np.maximum(lam, 0.0))) @ v.T
         f = frame.factor()
         x = f @ root @ f.T
@@ -584,7 +592,7 @@ def karcher_mean(matrices: Any, *, tol: float = 1e-12, max_iter: int = 200) -> n
             )
         f = frame.factor() @ factor
         x = f @ f.T
-    return _sym(x) * 2.0**log2_scale
+    return unscale(_sym(x))
 
 
 def proposition3_bound(hessian_a: Any, hessian_b: Any, *, epsilon: float = 1.0) -> float:

@@ -621,7 +621,8 @@ def test_karcher_mean_of_diagonal_matrices_is_the_elementwise_geometric_mean(e, 
     expected = np.exp(np.log(unit).mean(axis=0)) * scale
     np.testing.assert_allclose(C.karcher_mean(d), expected, rtol=1e-13)
     full = C.karcher_mean(np.stack([np.diag(x) for x in d]))
-    np.testing.assert_allclose(np.diagonal(full), expected, rtol=1e-13)
+    # three or more full matrices iterate until the gradient is <= tol (1e-12): that far, no further
+    np.testing.assert_allclose(np.diagonal(full), expected, rtol=1e-13 if e < 3 else 4e-12)
     assert np.max(np.abs(full - np.diag(np.diagonal(full)))) <= 1e-14 * expected.max()
 
 
@@ -686,9 +687,9 @@ def test_karcher_mean_of_two_matrices_is_the_closed_form(h_cond):
     w2, u2 = np.linalg.eigh(a_mhalf @ b @ a_mhalf)
     expected = a_half @ ((u2 * np.sqrt(np.maximum(w2, 0))) @ u2.T) @ a_half  # A^½ (A^-½ B A^-½)^½ A^½
     got = C.karcher_mean(np.stack([a, b]))
-    # the reference formula itself loses ~ULP·cond² (it inverts A^½); A # B = B # A to ~ULP·cond
+    # the reference formula itself loses ~ULP·cond² (it inverts A^½); A # B = B # A exactly
     assert whitened_error(got, 0.5 * (expected + expected.T)) <= rounding_level(len(a), cond**2)
-    assert whitened_error(C.karcher_mean(np.stack([b, a])), got) <= 8 * rounding_level(len(a), cond)
+    np.testing.assert_array_equal(C.karcher_mean(np.stack([b, a])), got)
 
 
 @given(spd_stacks(min_e=3, max_e=5, max_p=4, max_log10_cond=4.0))
