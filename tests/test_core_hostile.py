@@ -5,6 +5,7 @@ Each test states a property of a whole class of inputs (issue 13, classes 1-4).
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
@@ -32,7 +33,9 @@ def _streamed(g: np.ndarray, combiner: gradand.Combiner, **kw) -> gradand.Statis
 
 
 def _chunked(g: np.ndarray, combiner: gradand.Combiner, cut: int, **kw) -> gradand.Statistics:
-    return gradand.merge(gradand.statistics(g[:cut], combiner, **kw), gradand.statistics(g[cut:], combiner, **kw))
+    return gradand.merge(
+        gradand.statistics(g[:cut], combiner, **kw), gradand.statistics(g[cut:], combiner, **kw)
+    )
 
 
 def simulate_all_reduce(per_worker: list[list[gradand.Statistics]], **kw) -> list[list[gradand.Statistics]]:
@@ -245,9 +248,7 @@ def test_sand_mask_variance_neither_overflows_nor_cancels_in_float32():
     g = np.array([[10001.0], [9999.0], [10000.0]])
     for s in (gradand.statistics(g.astype(np.float32), c), _streamed(g.astype(np.float32), c)):
         np.testing.assert_allclose(s.m2, [2.0], rtol=1e-6)
-    np.testing.assert_allclose(
-        gradand.combine(g.astype(np.float32), c), gradand.combine(g, c), rtol=1e-5
-    )
+    np.testing.assert_allclose(gradand.combine(g.astype(np.float32), c), gradand.combine(g, c), rtol=1e-5)
 
 
 @settings(max_examples=80, deadline=None)
@@ -290,7 +291,7 @@ def test_distributed_all_reduce_equals_merging_in_one_process(combiner, split):
     bounds = np.cumsum([0, *split])
     per_worker = [
         [gradand.statistics(g[a:b, 0], combiner), gradand.statistics(g[a:b, 1:], combiner)]
-        for a, b in zip(bounds[:-1], bounds[1:])
+        for a, b in itertools.pairwise(bounds)
     ]
     reference = [gradand.statistics(g[:, 0], combiner), gradand.statistics(g[:, 1:], combiner)]
     for known in (None, int(bounds[-1])):
@@ -301,7 +302,9 @@ def test_distributed_all_reduce_equals_merging_in_one_process(combiner, split):
                     np.testing.assert_array_equal(got.sign_sum, want.sign_sum)
                 for name in ("mean", "log_abs_mean", "m2"):
                     if getattr(want, name) is not None:
-                        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=2e-5, atol=1e-6)
+                        np.testing.assert_allclose(
+                            getattr(got, name), getattr(want, name), rtol=2e-5, atol=1e-6
+                        )
                 np.testing.assert_allclose(
                     gradand.finalize(got, combiner), gradand.finalize(want, combiner), rtol=2e-5, atol=1e-6
                 )
@@ -333,7 +336,16 @@ def test_empty_statistics_must_count_zero():
     assert gradand.Statistics(count=np.int64(2), mean=np.ones(1)).count == 2
 
 
-NUMBERS = [np.float32(0.5), np.float64(0.5), np.float16(0.5), np.int64(1), np.int32(0), 1, 0.25, np.array(0.5)]
+NUMBERS = [
+    np.float32(0.5),
+    np.float64(0.5),
+    np.float16(0.5),
+    np.int64(1),
+    np.int32(0),
+    1,
+    0.25,
+    np.array(0.5),
+]
 
 
 @pytest.mark.parametrize("value", NUMBERS, ids=[f"{type(v).__name__}({v})" for v in NUMBERS])
@@ -380,7 +392,9 @@ def test_mixing_array_libraries_is_refused_with_a_clear_message():
     with pytest.raises(TypeError, match=r"inputs and deltas mix arrays of different libraries"):
         gradand.outer_statistics(np.ones((2, 3)), torch.ones(2, 4), c)
     with pytest.raises(TypeError, match=r"stats\[0\] and stats\[1\] mix arrays of different libraries"):
-        gradand.finalize_many([gradand.statistics(np.ones((2, 3)), c), gradand.statistics(torch.ones(2, 3), c)], c)
+        gradand.finalize_many(
+            [gradand.statistics(np.ones((2, 3)), c), gradand.statistics(torch.ones(2, 3), c)], c
+        )
     with pytest.raises(TypeError, match="cannot merge statistics held in"):
         gradand.statistics(np.ones((2, 3)), c) + gradand.statistics(torch.ones(2, 3), c)
 
