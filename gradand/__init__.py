@@ -18,8 +18,10 @@ Example:
 from gradand import consistency, temporal
 from gradand._combine import MaskInfo, agreement, combine, finalize, finalize_many
 from gradand._combiners import AndMask, Combiner, GeometricMean, Mean, SandMask
+from gradand._factored import LayerFactors, layer_statistics
 from gradand._namespace import array_namespace, register_namespace
 from gradand._outer import OUTER_STATISTICS, outer_statistics
+from gradand._result import Result, summarize
 from gradand._stats import (
     MAX_COUNT,
     STATISTIC_NAMES,
@@ -39,8 +41,10 @@ __all__ = [
     "AndMask",
     "Combiner",
     "GeometricMean",
+    "LayerFactors",
     "MaskInfo",
     "Mean",
+    "Result",
     "SandMask",
     "Statistics",
     "__version__",
@@ -51,10 +55,12 @@ __all__ = [
     "consistency",
     "finalize",
     "finalize_many",
+    "layer_statistics",
     "merge",
     "outer_statistics",
     "register_namespace",
     "required_votes",
     "statistics",
+    "summarize",
     "temporal",
 ]

@@ -1,0 +1,226 @@
+"""The factored engine: per-environment statistics of a parameter from its layer's inputs and outputs.
+
+For a dense layer ``y = x Wᵀ (+ b)`` (and a convolution, whose inputs are
+unfolded into patches), environment ``e``'s weight gradient is
+``G_e = Δ_eᵀ X_e`` and its bias gradient ``Σ_rows Δ_e``, where ``X_e`` are
+the layer's inputs on that environment's rows and ``Δ_e`` the gradients of
+that environment's loss at the layer's output. One forward and one backward
+pass of the whole batch give every ``X`` and ``Δ``; this module turns them into
+the core's :class:`~gradand.Statistics` — one batched product per chunk of
+environments, the outer-product path when every environment is one example,
+and the NaN check on the summed statistics. Each backend only finds its
+layers and hands over ``X`` and ``Δ``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+from gradand._combiners import Combiner
+from gradand._namespace import NanPolicy, apply_nan_policy, array_namespace, check_nan_policy
+from gradand._outer import OUTER_STATISTICS, outer_statistics
+from gradand._stats import Statistics, statistics
+
+__all__ = ["LayerFactors", "layer_statistics"]
+
+#: Bytes of per-environment gradients materialised at once when ``chunk_size`` is automatic.
+CHUNK_BYTES = 8 * 2**20
+
+Layout = Literal["out_in", "in_out"]
+
+
+class LayerFactors(NamedTuple):
+    """One call of a layer that uses the parameter: what its gradient factors into.
+
+    Attributes:
+        inputs: ``(E, rows, in)``, each environment's layer inputs (im2col
+            patches for a convolution); ``None`` when the parameter is the
+            layer's bias.
+        deltas: ``(E, rows, out)``, the gradient of each environment's own
+            loss at the layer's output, on the same rows.
+    """
+
+    inputs: Any
+    deltas: Any
+
+
+def _check_factors(factors: Sequence[LayerFactors], name: str) -> int:
+    if not factors:
+        raise ValueError(f"{name}: factors is empty; pass one LayerFactors per layer call using it")
+    envs = None
+    for i, f in enumerate(factors):
+        if not isinstance(f, LayerFactors):
+            raise TypeError(f"{name}: factors[{i}] must be gradand.LayerFactors; got {type(f).__name__}")
+        d = f.deltas
+        if len(d.shape) != 3:
+            raise ValueError(
+                f"{name}: factors[{i}].deltas must be (E, rows, out); got shape {tuple(d.shape)}"
+            )
+        x = f.inputs
+        if x is not None and (len(x.shape) != 3 or tuple(x.shape[:2]) != tuple(d.shape[:2])):
+            raise ValueError(
+                f"{name}: factors[{i}].inputs must be (E, rows, in) with the deltas' (E, rows) = "
+                f"{tuple(d.shape[:2])}; got shape {tuple(x.shape)}"
+            )
+        if envs is None:
+            envs = d.shape[0]
+        elif d.shape[0] != envs:
+            raise ValueError(
+                f"{name}: every layer call must cover the same environments; factors[0] has "
+                f"{envs} and factors[{i}] has {d.shape[0]}"
+            )
+    if envs == 0:
+        raise ValueError(f"{name}: the factors hold 0 environments; need at least one")
+    return int(envs)
+
+
+def _gradients(factors: Sequence[LayerFactors], sl: slice, layout: Layout, xp: Any) -> Any:
+    """``(e, *matrix)``: the chunk's per-environment gradients summed over the layer calls."""
+    g = None
+    for f in factors:
+        d = f.deltas[sl, ...]
+        if f.inputs is None:  # a bias: the sum of the output gradients over the rows
+            gi = xp.sum(d, axis=1)
+        else:
+            x = f.inputs[sl, ...]
+            if layout == "in_out":
+                gi = xp.matrix_transpose(x) @ d
+            elif x.shape[-1] < d.shape[-1]:  # narrow inputs: the (in, out) product is faster on CPUs
+                gi = xp.matrix_transpose(xp.matrix_transpose(x) @ d)
+            else:
+                gi = xp.matrix_transpose(d) @ x
+        g = gi if g is None else g + gi
+    return g
+
+
+def layer_statistics(
+    factors: Sequence[LayerFactors],
+    combiner: Combiner,
+    *,
+    shape: Sequence[int],
+    layout: Layout = "out_in",
+    chunk_size: int | None = None,
+    scale: float | None = None,
+    nan_policy: NanPolicy = "raise",
+    name: str = "parameter",
+    xp: Any = None,
+) -> Statistics:
+    """Statistics of one parameter's per-environment gradients, from its layers' ``X`` and ``Δ``.
+
+    Equal (up to rounding) to ``gradand.statistics(G, combiner)`` of the
+    materialised per-environment gradients ``G[e] = Σ_calls Δ_eᵀ X_e``
+    (``Σ_calls Σ_rows Δ_e`` for a bias), reshaped to ``shape``, without ever
+    holding more than ``chunk_size`` environments' gradients. A parameter used
+    by several calls of its layer (a module called twice, a shared weight)
+    passes one :class:`LayerFactors` per call.
+
+    When every environment is one example (``rows == 1``), the weight has a
+    single call and the combiner's statistics factor through an outer product,
+    the statistics come from :func:`gradand.outer_statistics`: no
+    per-example gradient array at all.
+
+    Args:
+        factors: the calls of the layer(s) that use the parameter.
+        combiner: the combiner whose statistics to compute.
+        shape: the parameter's shape (e.g. ``(out, C, kh, kw)`` for a convolution).
+        layout: ``"out_in"`` when the parameter is stored ``(out, in)``
+            (PyTorch's ``nn.Linear``), ``"in_out"`` for ``(in, out)`` kernels
+            (flax, Keras).
+        chunk_size: environments per batched product; ``None`` picks chunks of
+            about 8 MiB of gradients (one chunk for a bias or a small layer).
+        scale: the loss scale the deltas carry (mixed precision); the
+            gradients are divided by it before the statistics.
+        nan_policy: as in :func:`gradand.statistics`; ``"raise"`` is checked on
+            the (E times smaller) statistics, then reported by the core.
+        name: the parameter's name, for error messages.
+        xp: the array namespace, when it cannot be inferred (TensorFlow).
+
+    Returns:
+        The parameter's :class:`~gradand.Statistics`, with ``count = E``.
+
+    Example:
+        >>> import numpy as np
+        >>> import gradand
+        >>> rng = np.random.default_rng(0)
+        >>> x, d = rng.standard_normal((4, 8, 3)), rng.standard_normal((4, 8, 2))  # E=4, 8 rows
+        >>> c = gradand.AndMask(threshold=0.5)
+        >>> fast = gradand.layer_statistics([gradand.LayerFactors(x, d)], c, shape=(2, 3))
+        >>> slow = gradand.statistics(np.swapaxes(d, 1, 2) @ x, c)  # materialised (4, 2, 3)
+        >>> bool(np.array_equal(fast.sign_sum, slow.sign_sum)), bool(np.allclose(fast.mean, slow.mean))
+        (True, True)
+    """
+    check_nan_policy(nan_policy)
+    if layout not in ("out_in", "in_out"):
+        raise ValueError(f"layout must be 'out_in' or 'in_out'; got {layout!r}")
+    factors = list(factors)
+    envs = _check_factors(factors, name)
+    arrays = [a for f in factors for a in (f.inputs, f.deltas) if a is not None]
+    xp = array_namespace(*arrays, xp=xp, name=f"{name}: the factors")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}")
+    shape = tuple(int(n) for n in shape)
+    try:
+        s = _statistics(factors, combiner, shape, layout, chunk_size, scale, nan_policy, envs, xp)
+    except ValueError as err:
+        raise ValueError(f"{name} (shape {shape}): {err}") from None
+    return s
+
+
+def _statistics(
+    factors: list[LayerFactors],
+    combiner: Combiner,
+    shape: tuple[int, ...],
+    layout: Layout,
+    chunk_size: int | None,
+    scale: float | None,
+    nan_policy: str,
+    envs: int,
+    xp: Any,
+) -> Statistics:
+    # "raise": compute without the full-size check, then check the E times smaller means once
+    policy = "propagate" if nan_policy == "raise" else nan_policy
+    (first,) = factors[:1]
+    outer = (
+        len(factors) == 1
+        and first.inputs is not None
+        and first.deltas.shape[1] == 1
+        and set(combiner.statistics) <= OUTER_STATISTICS
+    )
+    if chunk_size is None:
+        per_env = math.prod(shape) * 4
+        chunk_size = envs if outer else max(1, CHUNK_BYTES // max(per_env, 1))
+    out = Statistics()
+    for start in range(0, envs, chunk_size):
+        sl = slice(start, min(start + chunk_size, envs))
+        if outer:
+            x, d = first.inputs[sl, 0, :], first.deltas[sl, 0, :]
+            if scale is not None:
+                d = d / scale
+            part = outer_statistics(x, d, combiner, nan_policy=policy, xp=xp)
+            if layout == "in_out" or shape != tuple(part.shape):
+                part = _reshaped(part, layout, shape, xp)
+        else:
+            g = _gradients(factors, sl, layout, xp)
+            if scale is not None:
+                g = g / scale
+            g = xp.reshape(g, (g.shape[0], *shape))
+            part = statistics(g, combiner, axis=0, nan_policy=policy, xp=xp)
+        out = out + part
+    if nan_policy == "raise" and out.mean is not None:
+        apply_nan_policy(out.mean, xp, "raise", "a per-environment gradient")
+    return out
+
+
+def _reshaped(s: Statistics, layout: Layout, shape: tuple[int, ...], xp: Any) -> Statistics:
+    """Outer statistics come as ``(out, in)``: transposed for ``(in, out)`` kernels, then reshaped."""
+
+    def fix(a: Any) -> Any:
+        if layout == "in_out":
+            a = xp.matrix_transpose(a)
+        return xp.reshape(a, shape)
+
+    return s.replace(**{k: fix(v) for k, v in s.arrays().items()})
