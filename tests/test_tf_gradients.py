@@ -57,7 +57,7 @@ def _close(grads, oracle):
 
 
 # Every combiner by the loop; the (slower to trace) vectorised Jacobian for two of them.
-CASES = [(c, "loop") for c in COMBINERS] + [(c, "vectorized") for c in (COMBINERS[1], COMBINERS[4])]
+CASES = [(c, "streaming") for c in COMBINERS] + [(c, "vectorized") for c in (COMBINERS[1], COMBINERS[4])]
 
 
 @pytest.mark.parametrize(
@@ -69,15 +69,15 @@ def test_combined_gradients_equal_the_numpy_core_and_report_per_variable_info(co
     oracle = _oracle(net, x, y, combiner)
     with tf.GradientTape(persistent=True) as tape:
         losses = _env_losses(net, x, y)
-    grads, info = gtf.combined_gradients(tape, losses, net.trainable_variables, combiner, method=method)
+    grads, result = gtf.gradient(tape, losses, net.trainable_variables, combiner, method=method)
     _close(grads, oracle)
-    for i, (_, ref_info) in zip(info, oracle):
+    for i, (_, ref_info) in zip(result.infos, oracle):
         np.testing.assert_allclose(float(i.survivor_fraction), float(ref_info.survivor_fraction), rtol=1e-6)
         np.testing.assert_allclose(float(i.agreement), float(ref_info.agreement), rtol=1e-6)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
-@pytest.mark.parametrize("method", ["loop", "vectorized"])
+@pytest.mark.parametrize("method", ["streaming", "vectorized"])
 def test_tf_function_step_equals_the_eager_step(method, jit_compile):
     x, y = _data(1)
     net = _net(1)
@@ -88,11 +88,11 @@ def test_tf_function_step_equals_the_eager_step(method, jit_compile):
     def step(x, y):
         with tf.GradientTape(persistent=True) as tape:
             losses = _env_losses(net, x, y)
-        return gtf.combined_gradients(tape, losses, net.trainable_variables, c, method=method)
+        return gtf.gradient(tape, losses, net.trainable_variables, c, method=method)
 
-    grads, info = step(tf.constant(x), tf.constant(y))
+    grads, result = step(tf.constant(x), tf.constant(y))
     _close(grads, oracle)
-    assert 0.0 <= float(info[0].survivor_fraction) <= 1.0
+    assert 0.0 <= float(result.infos[0].survivor_fraction) <= 1.0
 
 
 def test_vectorized_map_statistics_equal_the_loop_statistics():
@@ -103,7 +103,7 @@ def test_vectorized_map_statistics_equal_the_loop_statistics():
     def env_loss(x_e, y_e):
         return tf.reduce_mean(keras.losses.binary_crossentropy(y_e, net(x_e), from_logits=True))
 
-    stats = gtf.vectorized_statistics(env_loss, net.trainable_variables, (tf.constant(x), tf.constant(y)), c)
+    _, stats = gtf.vectorized_statistics(env_loss, net.trainable_variables, (tf.constant(x), tf.constant(y)), c)
     assert all(s.count == E for s in stats)
     grads, _ = gtf.finalize_gradients(stats, c)
     _close(grads, _oracle(net, x, y, c))
@@ -112,7 +112,7 @@ def test_vectorized_map_statistics_equal_the_loop_statistics():
 def test_vectorized_map_statistics_return_stacked_aux_values():
     w = tf.Variable([1.0, -1.0])
     x = tf.constant(np.arange(6, dtype=np.float32).reshape(3, 2))
-    stats, aux = gtf.vectorized_statistics(
+    _, stats, aux = gtf.vectorized_statistics(
         lambda x_e: (tf.reduce_sum(w * x_e), x_e * 2.0), [w], x, gradand.Mean(), has_aux=True
     )
     np.testing.assert_allclose(aux.numpy(), 2.0 * x.numpy())
@@ -123,10 +123,10 @@ def test_a_one_dimensional_loss_tensor_works_like_a_list_of_losses():
     x, y = _data(3)
     net = _net(3)
     c = gradand.AndMask(0.5)
-    for method in ("loop", "vectorized"):
+    for method in ("streaming", "vectorized"):
         with tf.GradientTape(persistent=True) as tape:
             losses = tf.stack(_env_losses(net, x, y))
-        grads, _ = gtf.combined_gradients(tape, losses, net.trainable_variables, c, method=method)
+        grads, _ = gtf.gradient(tape, losses, net.trainable_variables, c, method=method)
         _close(grads, _oracle(net, x, y, c))
 
 
@@ -134,29 +134,29 @@ def test_gradients_keep_the_structure_of_the_variables():
     a, b = tf.Variable([1.0, 2.0]), tf.Variable(3.0)
     with tf.GradientTape(persistent=True) as tape:
         losses = [tf.reduce_sum(a) * b, tf.reduce_sum(a * a) + b]
-    grads, info = gtf.combined_gradients(tape, losses, {"a": a, "b": b}, gradand.Mean())
-    assert set(grads) == {"a", "b"} and set(info) == {"a", "b"}
+    grads, result = gtf.gradient(tape, losses, {"a": a, "b": b}, gradand.Mean())
+    assert set(grads) == {"a", "b"}
     np.testing.assert_allclose(grads["a"].numpy(), [(3.0 + 2.0) / 2, (3.0 + 4.0) / 2])
     np.testing.assert_allclose(float(grads["b"]), (3.0 + 1.0) / 2)
-    assert isinstance(info["b"], gradand.MaskInfo)
+    assert len(result.infos) == 2 and isinstance(result.infos[1], gradand.MaskInfo)  # tf.nest order
 
 
 def test_a_variable_no_loss_depends_on_gets_none_and_a_partly_used_one_counts_zero_votes():
     used, partly, unused = tf.Variable([1.0, 1.0]), tf.Variable([1.0, 1.0]), tf.Variable([5.0])
-    for method in ("loop", "vectorized"):
+    for method in ("streaming", "vectorized"):
         with tf.GradientTape(persistent=True) as tape:
             losses = [
                 tf.reduce_sum(used * [1.0, 2.0]) + tf.reduce_sum(partly),
                 tf.reduce_sum(used * [3.0, -2.0]),
             ]
-        grads, info = gtf.combined_gradients(
+        grads, result = gtf.gradient(
             tape, losses, [used, partly, unused], gradand.AndMask(0.5, rescale=False), method=method
         )
-        assert grads[2] is None and info[2] is None
+        assert grads[2] is None and result.infos[2] is None
         np.testing.assert_allclose(grads[0].numpy(), [2.0, 0.0])
         # environment 2 does not touch `partly`: its zero gradient casts no vote, agreement 1/2
         np.testing.assert_allclose(grads[1].numpy(), [0.5, 0.5])
-        np.testing.assert_allclose(float(info[1].agreement), 0.5)
+        np.testing.assert_allclose(float(result.infos[1].agreement), 0.5)
 
 
 def test_embedding_gradients_given_as_indexed_slices_are_combined_densely():
@@ -165,32 +165,32 @@ def test_embedding_gradients_given_as_indexed_slices_are_combined_densely():
     ids = tf.constant([[0, 1], [1, 3]])
     with tf.GradientTape(persistent=True) as tape:
         losses = [tf.reduce_sum(emb(ids[e])) for e in range(2)]
-    grads, _ = gtf.combined_gradients(
+    grads, _ = gtf.gradient(
         tape, losses, emb.trainable_variables, gradand.AndMask(1.0, rescale=False)
     )
     # row 1 gets gradient 1 from both environments; rows 0 and 3 from one each (the other casts no vote)
     np.testing.assert_allclose(grads[0].numpy(), [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
 
 
-@pytest.mark.parametrize("method", ["loop", "vectorized"])
+@pytest.mark.parametrize("method", ["streaming", "vectorized"])
 def test_loss_scale_undoes_a_scaling_of_the_losses_before_combining(method):
     x, y = _data(4)
     net = _net(4)
     c = gradand.SandMask(0.3, k=10.0)  # not scale-equivariant: the scale must be undone exactly
     with tf.GradientTape(persistent=True) as tape:
         losses = [0.25 * loss for loss in _env_losses(net, x, y)]
-    grads, _ = gtf.combined_gradients(
+    grads, _ = gtf.gradient(
         tape, losses, net.trainable_variables, c, method=method, loss_scale=0.25
     )
     _close(grads, _oracle(net, x, y, c))
-    stats = gtf.vectorized_statistics(
+    _, stats = gtf.vectorized_statistics(
         lambda x_e, y_e: 0.25 * _env_losses(net, x_e[None], y_e[None])[0],
         net.trainable_variables,
         (tf.constant(x), tf.constant(y)),
         c,
         loss_scale=0.25,
     )
-    _close(gtf.finalize_gradients(stats, c).gradients, _oracle(net, x, y, c))
+    _close(gtf.finalize_gradients(stats, c)[0], _oracle(net, x, y, c))
 
 
 def test_summary_weights_each_variable_by_its_size():
@@ -214,7 +214,7 @@ def test_an_optimizer_applies_the_combined_gradients():
     w = tf.Variable([1.0, 1.0])
     with tf.GradientTape(persistent=True) as tape:
         losses = [tf.reduce_sum(w * [1.0, 2.0]), tf.reduce_sum(w * [3.0, -2.0])]
-    grads, _ = gtf.combined_gradients(tape, losses, [w], gradand.AndMask(rescale=False))
+    grads, _ = gtf.gradient(tape, losses, [w], gradand.AndMask(rescale=False))
     keras.optimizers.SGD(0.5).apply_gradients(zip(grads, [w]))
     np.testing.assert_allclose(w.numpy(), [0.0, 1.0])
 
@@ -232,12 +232,12 @@ def _tape_and_losses(persistent=True):
 def test_loop_on_a_non_persistent_tape_says_to_make_it_persistent():
     tape, losses, w = _tape_and_losses(persistent=False)
     with pytest.raises(ValueError, match=r"persistent=True"):
-        gtf.combined_gradients(tape, losses, [w], gradand.AndMask())
+        gtf.gradient(tape, losses, [w], gradand.AndMask())
 
 
 def test_vectorized_works_on_a_non_persistent_tape():
     tape, losses, w = _tape_and_losses(persistent=False)
-    grads, _ = gtf.combined_gradients(tape, losses, [w], gradand.Mean(), method="vectorized")
+    grads, _ = gtf.gradient(tape, losses, [w], gradand.Mean(), method="vectorized")
     np.testing.assert_allclose(grads[0].numpy(), [(1 + 2) / 2, (1 + 4) / 2])
 
 
@@ -255,23 +255,23 @@ def test_vectorized_works_on_a_non_persistent_tape():
 def test_bad_losses_get_a_clear_error(losses, error, match):
     tape, _, w = _tape_and_losses()
     with pytest.raises(error, match=match):
-        gtf.combined_gradients(tape, losses, [w], gradand.AndMask())
+        gtf.gradient(tape, losses, [w], gradand.AndMask())
 
 
 def test_bad_arguments_get_a_clear_error():
     tape, losses, w = _tape_and_losses()
     with pytest.raises(TypeError, match=r"tape must be a tf.GradientTape; got list"):
-        gtf.combined_gradients([], losses, [w], gradand.AndMask())
-    with pytest.raises(ValueError, match=r"method must be one of \('loop', 'vectorized'\); got 'pfor'"):
-        gtf.combined_gradients(tape, losses, [w], gradand.AndMask(), method="pfor")
+        gtf.gradient([], losses, [w], gradand.AndMask())
+    with pytest.raises(ValueError, match=r"method must be one of \('streaming', 'vectorized'\); got 'pfor'"):
+        gtf.gradient(tape, losses, [w], gradand.AndMask(), method="pfor")
     with pytest.raises(ValueError, match=r"variables is empty"):
-        gtf.combined_gradients(tape, losses, [], gradand.AndMask())
+        gtf.gradient(tape, losses, [], gradand.AndMask())
     with pytest.raises(TypeError, match=r"combiner must be a gradand combiner.*got str"):
-        gtf.combined_gradients(tape, losses, [w], "and_mask")
+        gtf.gradient(tape, losses, [w], "and_mask")
     with pytest.raises(ValueError, match=r"nan_policy must be one of"):
-        gtf.combined_gradients(tape, losses, [w], gradand.AndMask(), nan_policy="ignore")
-    with pytest.raises(ValueError, match=r"loss_scale must be a finite number > 0 \(or None\); got 0"):
-        gtf.combined_gradients(tape, losses, [w], gradand.AndMask(), loss_scale=0)
+        gtf.gradient(tape, losses, [w], gradand.AndMask(), nan_policy="ignore")
+    with pytest.raises(ValueError, match=r"loss_scale must be a finite number > 0.*got 0"):
+        gtf.gradient(tape, losses, [w], gradand.AndMask(), loss_scale=0)
 
 
 def test_nan_gradients_raise_eagerly_and_in_graph_mode_and_can_be_zeroed():
@@ -283,13 +283,13 @@ def test_nan_gradients_raise_eagerly_and_in_graph_mode_and_can_be_zeroed():
     with tf.GradientTape(persistent=True) as tape:
         ls = losses()
     with pytest.raises(ValueError, match=r"grads contains NaN or Inf \(1 of 2 entries"):
-        gtf.combined_gradients(tape, ls, [w], gradand.AndMask())
+        gtf.gradient(tape, ls, [w], gradand.AndMask())
 
     @tf.function
     def step(policy):
         with tf.GradientTape(persistent=True) as tape:
             ls = losses()
-        return gtf.combined_gradients(tape, ls, [w], gradand.AndMask(0.5, rescale=False), nan_policy=policy)
+        return gtf.gradient(tape, ls, [w], gradand.AndMask(0.5, rescale=False), nan_policy=policy)
 
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"gradand: grads contains NaN or Inf"):
         step("raise")
@@ -304,3 +304,56 @@ def test_vectorized_statistics_rejects_environments_of_different_counts():
             lambda a, b: tf.reduce_sum(w * a) + tf.reduce_sum(b), [w], (tf.zeros((2, 1)), tf.zeros((3, 1))),
             gradand.Mean(),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["streaming", "vectorized"])
+def test_result_loss_is_the_mean_of_the_losses_and_summary_is_gradand_summarize(method):
+    net, x, y = _net(), *_data()
+    c = gradand.AndMask(0.5)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = _env_losses(net, x, y)
+    _, result = gtf.gradient(tape, losses, net.trainable_variables, c, method=method)
+    assert isinstance(result, gradand.Result) and result.aux is None
+    np.testing.assert_allclose(result.losses.numpy(), [float(v) for v in losses], rtol=1e-6)
+    np.testing.assert_allclose(float(result.loss), np.mean([float(v) for v in losses]), rtol=1e-6)
+    want = gradand.summarize(result.infos, [int(np.prod(v.shape)) for v in net.trainable_variables])
+    assert float(result.summary.survivor_fraction) == pytest.approx(float(want.survivor_fraction))
+    assert float(result.summary.agreement) == pytest.approx(float(want.agreement))
+
+
+def test_deprecated_aliases_warn_and_give_the_same_numbers():
+    net, x, y = _net(), *_data()
+    c = gradand.SandMask(0.3, k=10.0)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = _env_losses(net, x, y)
+    grads, result = gtf.gradient(tape, losses, net.trainable_variables, c)
+    _, stats = gtf.streaming_statistics(tape, losses, net.trainable_variables, c)
+    with pytest.warns(DeprecationWarning, match="combined_gradients"):
+        old = gtf.combined_gradients(tape, losses, net.trainable_variables, c)
+    assert isinstance(old, gtf.CombinedGradients)
+    for a, b in zip(old.gradients, grads):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert float(old.summary().survivor_fraction) == pytest.approx(float(result.summary.survivor_fraction))
+    with pytest.warns(DeprecationWarning, match="environment_statistics"):
+        old_stats = gtf.environment_statistics(tape, losses, net.trainable_variables, c)
+    for a, b in zip(old_stats, stats):
+        np.testing.assert_array_equal(a.mean.numpy(), b.mean.numpy())
+    with pytest.warns(DeprecationWarning, match="method='loop' is now method='streaming'"):
+        loop, _ = gtf.gradient(tape, losses, net.trainable_variables, c, method="loop")
+    for a, b in zip(loop, grads):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert "xp" not in gtf.__all__ and "combined_gradients" not in gtf.__all__ and gtf.xp is not None
+
+
+def test_loss_scale_may_be_a_keras_loss_scale_optimizer():
+    net, x, y = _net(), *_data()
+    c = gradand.AndMask(0.5)
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=64.0)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = _env_losses(net, x, y)
+        scaled = [opt.scale_loss(loss) for loss in losses]
+    want, _ = gtf.gradient(tape, losses, net.trainable_variables, c)
+    got, result = gtf.gradient(tape, scaled, net.trainable_variables, c, loss_scale=opt)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.losses.numpy(), [float(v) for v in losses], rtol=1e-6)

@@ -1,32 +1,26 @@
 """TensorFlow and Keras 3 backend: AND-masked gradients from a tape, in ``fit()``, across replicas.
 
-Importing this module registers :mod:`gradand.backends.tensorflow.xp`, a
-namespace of ``tf`` ops, with the core, so every core function
-(``gradand.combine``, ``statistics``, ``finalize``, ``temporal``) takes
-``tf.Tensor``/``tf.Variable`` arguments, eagerly and inside ``tf.function``
-(XLA included). On top of that:
+Importing this module registers a namespace of ``tf`` ops with the core, so
+every core function (``gradand.combine``, ``statistics``, ``finalize``,
+``temporal``) takes ``tf.Tensor``/``tf.Variable`` arguments, eagerly and inside
+``tf.function`` (XLA included). The backend has the same three layers as
+every gradand backend (docs: "One concept, one name"):
 
-- :func:`combined_gradients` — ``tape`` + the environments' losses + variables
-  → combined gradients for ``optimizer.apply_gradients``, with per-variable
-  mask info; by a loop over the environments or vectorised; all-reduced across
-  replicas under ``tf.distribute``. Its steps: :func:`environment_statistics`
-  (or :func:`vectorized_statistics`), :func:`all_reduce_statistics`,
-  :func:`finalize_gradients`.
-- :func:`factored_statistics` (and :func:`factored_gradients`) — the fast
-  path for Keras models: every environment's gradients of the ``Dense``
-  layers from one forward and one backward pass and a batched matrix product
-  per layer (per-example environments with no per-example gradients at all),
-  the other variables by ``tape.jacobian``.
-- :class:`EnvironmentModel` (a wrapper) and :class:`EnvironmentTrainStep` (a
-  mixin): Keras ``fit()`` on batches with an environment axis or index, the
-  combiner a constructor argument, mask metrics in the progress bar.
-- :class:`TemporalAndMask` — the temporal AND-mask (paper Algorithm 1) as a
-  Keras optimizer, saved and loaded with the model.
-- :func:`environment_batches` — a ``tf.data`` pipeline of per-environment
-  batches stacked on a leading environment axis.
-- :func:`environment_losses`, :func:`environment_hessians` — a Keras model's
-  per-environment losses of a flat parameter vector and Hessians, for
-  :mod:`gradand.consistency` (the paper's inconsistency score).
+- sources, each returning ``(losses, stats)``: :func:`streaming_statistics`
+  (one ``tape.gradient`` per environment), :func:`vectorized_statistics`
+  (``tape.jacobian`` or ``tf.vectorized_map``), :func:`factored_statistics`
+  (Keras ``Dense`` layers' ``X`` and ``Δ`` handed to :func:`gradand.layer_statistics`);
+- :func:`all_reduce_statistics`: merged over the replicas of ``tf.distribute``;
+- the sink :func:`finalize_gradients`: ``(grads, infos)`` for ``optimizer.apply_gradients``.
+
+The one-line entry points compose them and return ``(grads, gradand.Result)``:
+:func:`gradient` (from a tape and the environments' losses) and
+:func:`model_gradient` (from a Keras model and a batch, with an environment
+axis or ``env_ids``). Also: :class:`EnvironmentModel` /
+:class:`EnvironmentTrainStep` (Keras ``fit``), :class:`TemporalAndMask`
+(paper Algorithm 1 as a Keras optimizer), :func:`environment_batches`
+(``tf.data``), :func:`environment_losses` / :func:`environment_hessians`
+(for :mod:`gradand.consistency`).
 
 Example:
     >>> import tensorflow as tf
@@ -36,9 +30,9 @@ Example:
     >>> x = tf.constant([[1.0, 2.0], [1.0, -2.0]])  # one input row per environment
     >>> with tf.GradientTape(persistent=True) as tape:
     ...     losses = [tf.reduce_sum(w * x[e]) for e in range(2)]
-    >>> grads, info = gtf.combined_gradients(tape, losses, [w], gradand.AndMask(rescale=False))
-    >>> grads[0].numpy()
-    array([1., 0.], dtype=float32)
+    >>> grads, result = gtf.gradient(tape, losses, [w], gradand.AndMask(rescale=False))
+    >>> grads[0].numpy(), float(result.summary.survivor_fraction)
+    (array([1., 0.], dtype=float32), 0.5)
 """
 
 from __future__ import annotations
@@ -70,34 +64,42 @@ def _exclude_from_autograph() -> None:
 
 _exclude_from_autograph()
 
+from gradand.backends.tensorflow._all_reduce import all_reduce_statistics  # noqa: E402
 from gradand.backends.tensorflow._consistency import environment_hessians, environment_losses  # noqa: E402
 from gradand.backends.tensorflow._data import environment_batches  # noqa: E402
-from gradand.backends.tensorflow._factored import factored_gradients, factored_statistics  # noqa: E402
-from gradand.backends.tensorflow._gradients import (  # noqa: E402
+from gradand.backends.tensorflow._deprecated import (  # noqa: E402, F401 (deprecated, not in __all__)
     CombinedGradients,
-    all_reduce_statistics,
     combined_gradients,
     environment_statistics,
-    finalize_gradients,
-    vectorized_statistics,
+    factored_gradients,
 )
+from gradand.backends.tensorflow._entry import gradient, model_gradient  # noqa: E402
+from gradand.backends.tensorflow._factored import factored_statistics  # noqa: E402
 from gradand.backends.tensorflow._keras import EnvironmentModel, EnvironmentTrainStep  # noqa: E402
 from gradand.backends.tensorflow._optimizer import TemporalAndMask  # noqa: E402
+from gradand.backends.tensorflow._sink import finalize_gradients  # noqa: E402
+from gradand.backends.tensorflow._sources import streaming_statistics, vectorized_statistics  # noqa: E402
 
 __all__ = [
-    "CombinedGradients",
     "EnvironmentModel",
     "EnvironmentTrainStep",
     "TemporalAndMask",
     "all_reduce_statistics",
-    "combined_gradients",
     "environment_batches",
     "environment_hessians",
     "environment_losses",
-    "environment_statistics",
-    "factored_gradients",
     "factored_statistics",
     "finalize_gradients",
+    "gradient",
+    "model_gradient",
+    "streaming_statistics",
     "vectorized_statistics",
-    "xp",
 ]
+
+#: Deprecated names (gradand 0.1), still importable; each warns when called.
+DEPRECATED: tuple[str, ...] = (
+    "CombinedGradients",
+    "combined_gradients",
+    "environment_statistics",
+    "factored_gradients",
+)

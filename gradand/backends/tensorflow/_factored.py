@@ -1,20 +1,17 @@
-"""The factored path: per-environment gradients of Keras ``Dense`` layers from one backward pass.
+"""The factored source: Keras ``Dense`` layers' inputs ``X`` and output gradients ``Δ`` for the core.
 
-A dense layer ``z = x @ W + b`` has the weight gradient ``Σ_b x_b ⊗ δ_b``
-(``x_b`` the layer's input, ``δ_b = ∂loss/∂z_b`` the gradient at its
-pre-activation output). Examples do not interact, so for ``total = Σ_e loss_e``
-the output gradient of an example of environment ``e`` is ``∂loss_e/∂z``, and
-environment ``e``'s kernel gradient is ``X_eᵀ Δ_e``. One forward pass over
-every example, one ``tape.gradient`` with respect to the layers' outputs and
-one batched matrix product per layer give every environment's gradient; the
-statistics and the update come from the core (:func:`gradand.statistics`,
-:func:`gradand.outer_statistics`, :func:`gradand.finalize`) through
-:mod:`gradand.backends.tensorflow.xp`. No combiner math lives here.
+A dense layer ``z = x @ W + b`` has environment ``e``'s kernel gradient
+``X_eᵀ Δ_e`` (``Δ = ∂loss_e/∂z`` on that environment's rows) and bias gradient
+``Σ Δ_e``. One forward pass over every example records each supported layer's
+``X`` and ``z``; one ``tape.gradient`` of ``Σ_e loss_e`` with respect to the
+``z`` gives every ``Δ``. This module only finds the layers, records ``X`` and
+``Δ`` (grouped by environment) and hands them to the core's factored engine,
+:func:`gradand.layer_statistics`; variables outside supported layers fall
+back to ``tape.jacobian`` of the environments' losses.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,22 +22,17 @@ import gradand
 from gradand import Combiner, Statistics
 from gradand._namespace import NanPolicy, check_nan_policy
 from gradand.backends.tensorflow import xp
-from gradand.backends.tensorflow._gradients import (
-    CombinedGradients,
-    _dense,
-    _finish,
-    _flat_variables,
-    _resolve_loss_scale,
-    _scaled,
+from gradand.backends.tensorflow._common import (
+    call_loss,
+    check_chunk_size,
+    check_fallback,
+    dense,
+    flat_variables,
+    scaled,
+    unscale_factor,
 )
 
-__all__ = ["factored_gradients", "factored_statistics"]
-
-FALLBACKS: tuple[str, ...] = ("jacobian", "error")
-
-#: Bytes of per-environment gradients per statistics pass when ``chunk_size`` is None: small
-#: enough that the batched product and the passes of the statistics over it stay in cache.
-_CHUNK_BYTES = 2 * 1024 * 1024
+__all__ = ["factored_statistics"]
 
 
 def _supported(layer: Any) -> bool:
@@ -164,75 +156,67 @@ def _check_batch_norm(model: Any, training: bool) -> None:
             )
 
 
-def _check_loss(loss: Any) -> Any:
-    loss = tf.convert_to_tensor(loss)
-    if loss.shape.rank != 0:
-        raise ValueError(
-            f"loss_fn must return one environment's loss as a scalar; got shape {tuple(loss.shape)}. "
-            f"Reduce the per-example losses to their mean (a keras.losses.Loss object does)"
-        )
-    if not loss.dtype.is_floating:
-        raise TypeError(f"loss_fn must return a floating loss; got {loss.dtype.name}")
-    return loss
+def _environment_ids(env_ids: Any, num_envs: Any, batch: int) -> tuple[Any, int]:
+    """``env_ids`` as int32 ``(B,)`` and the number of environments, every index checked."""
+    env = tf.convert_to_tensor(env_ids)
+    if not env.dtype.is_integer:
+        raise TypeError(f"env_ids must be integers (an environment id per example); got {env.dtype.name}")
+    if env.shape.rank != 1 or env.shape[0] != batch:
+        raise ValueError(f"env_ids must have shape ({batch},), one id per example; got {tuple(env.shape)}")
+    env = tf.cast(env, tf.int32)
+    eager = tf.executing_eagerly()
+    if num_envs is None:
+        if not eager:
+            raise ValueError("num_envs is needed with env_ids inside a tf.function (a static number)")
+        num_envs = int(tf.reduce_max(env)) + 1
+    if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+        raise ValueError(f"num_envs must be an int >= 1; got {num_envs!r}")
+    counts = tf.math.bincount(tf.clip_by_value(env, 0, num_envs - 1), minlength=num_envs, maxlength=num_envs)
+    bad = tf.logical_or(env < 0, env >= num_envs)
+    if eager:
+        if bool(tf.reduce_any(bad)):
+            wrong = sorted({int(i) for i in tf.boolean_mask(env, bad).numpy()})
+            raise ValueError(f"env_ids holds {wrong}, outside [0, num_envs={num_envs})")
+        missing = [e for e, n in enumerate(counts.numpy()) if n == 0]
+        if missing:
+            raise ValueError(
+                f"environment(s) {missing} of num_envs={num_envs} have no example in this batch; every "
+                f"environment needs at least one (or pass num_envs for the environments present)"
+            )
+        return env, num_envs
+    ok = tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(bad)), [f"gradand: env_ids outside [0, num_envs={num_envs}):", env]
+    )
+    present = tf.debugging.Assert(
+        tf.reduce_all(counts > 0), ["gradand: an environment has no example in this batch; counts:", counts]
+    )
+    with tf.control_dependencies([ok, present]):
+        return tf.identity(env), num_envs
 
 
-def _env_losses(loss_fn: Callable[..., Any], targets: Any, outputs: Any) -> Any:
-    """``(E,)``: ``loss_fn(targets[e], outputs[e])`` for every environment, vectorised."""
-    return tf.vectorized_map(lambda args: _check_loss(loss_fn(*args)), (targets, outputs))
+class _Groups:
+    """Rows of a flat batch grouped by environment: ``(B, ...)`` -> ``(E, rows, last)``."""
 
+    def __init__(self, env: Any, num_envs: int, n_ex: int | None) -> None:
+        self.env, self.num_envs, self.n_ex = env, num_envs, n_ex
+        if env is not None:  # environments of any sizes: zero-padded to the largest one
+            counts = tf.math.bincount(env, minlength=num_envs, maxlength=num_envs)
+            self.order = tf.argsort(env, stable=True)
+            sorted_env = tf.gather(env, self.order)
+            pos = tf.range(tf.shape(env)[0]) - tf.gather(tf.cumsum(counts, exclusive=True), sorted_env)
+            self.index = tf.stack([sorted_env, pos], axis=1)
+            self.rows = tf.reduce_max(counts)
 
-def _stats(
-    g: Any,
-    combiner: Combiner,
-    policy: NanPolicy,
-    name: str,
-    checks: list[Any],
-    outer: Any = None,
-) -> Statistics:
-    """The core's statistics of ``g`` (E, ...) (or its outer form), "raise" checked on the sums.
+    def __call__(self, t: Any) -> Any:
+        t = tf.reshape(t, (t.shape[0], -1, t.shape[-1]))
+        if self.env is None:
+            return tf.reshape(t, (self.num_envs, -1, t.shape[-1]))
+        shape = tf.concat([[self.num_envs, self.rows], tf.shape(t)[1:]], axis=0)
+        padded = tf.scatter_nd(self.index, tf.gather(t, self.order), shape)
+        return tf.reshape(padded, (self.num_envs, -1, t.shape[-1]))
 
-    A NaN or Inf in any environment's gradient reaches ``sum`` (every
-    combiner needs it), so under ``nan_policy="raise"`` the check runs on the
-    E× smaller sums: eagerly here (a failed check reruns the core's own check
-    for its error message), in a graph by appending the sum to ``checks``,
-    which :func:`_checked` tests all at once.
-    """
-
-    def compute(p: NanPolicy) -> Statistics:
-        if outer is not None:
-            return gradand.outer_statistics(g, outer, combiner, nan_policy=p, xp=xp)
-        return gradand.statistics(g, combiner, axis=0, nan_policy=p, xp=xp)
-
-    try:
-        if policy != "raise":
-            return compute(policy)
-        s = compute("propagate")
-        if tf.executing_eagerly():
-            if not bool(tf.reduce_all(tf.math.is_finite(s.mean))):
-                compute("raise")  # raises the core's ValueError
-        else:
-            checks.append(s.mean)
-        return s
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
-
-
-def _checked(stats: list[Statistics | None], checks: list[Any]) -> list[Statistics | None]:
-    """``stats`` after one check (``xp.gradand_check_finite``) that every sum in ``checks`` is finite.
-
-    One check over a scalar that is NaN exactly when some sum holds a NaN or
-    Inf (``Σ (sum · 0)``), instead of one check per variable: fewer ops per step.
-    """
-    if not checks:
-        return stats
-    flag = tf.add_n([tf.cast(tf.reduce_sum(c * tf.zeros((), c.dtype)), tf.float32) for c in checks])
-    flag = xp.gradand_check_finite(flag, "a per-environment gradient")
-    with tf.control_dependencies([flag]):
-        return [None if s is None else s.replace(mean=tf.identity(s.mean)) for s in stats]
-
-
-def _chunks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(i, min(i + size, n)) for i in range(0, n, size)]
+    def split(self, t: Any) -> list[Any]:
+        return tf.dynamic_partition(t, self.env, self.num_envs)
 
 
 def factored_statistics(
@@ -242,82 +226,62 @@ def factored_statistics(
     targets: Any,
     combiner: Combiner,
     *,
+    env_ids: Any = None,
+    num_envs: int | None = None,
     variables: Any = None,
     training: bool = True,
-    fallback: str = "jacobian",
+    fallback: str = "vectorized",
     chunk_size: int | None = None,
     nan_policy: NanPolicy = "raise",
-    loss_scale: float | None = None,
-    return_losses: bool = False,
-) -> Any:
-    """Statistics of per-environment gradients from one forward and one backward pass.
+    loss_scale: Any = None,
+) -> tuple[Any, list[Statistics | None]]:
+    """The environments' losses and gradient statistics from one forward and one backward pass.
 
-    The same statistics as :func:`vectorized_statistics` (up to floating-point
-    rounding), for a Keras model and per-environment batches, usually at close
-    to the cost of an ordinary training step:
+    The same statistics as :func:`vectorized_statistics` (up to rounding), at
+    close to the cost of an ordinary training step: one forward pass of every
+    example (each supported layer records its input ``X`` and output ``z``),
+    each environment's loss ``loss_fn(outputs_e, targets_e)``, one
+    ``tape.gradient`` of their sum with respect to the ``z`` (the ``Δ``), then
+    :func:`gradand.layer_statistics` per variable (batched products in chunks
+    of ``chunk_size`` environments; no per-example gradient at all when every
+    environment is one example).
 
-    1. one forward pass ``model(inputs flattened to (E·n, ...), training=training)``
-       under a ``tf.GradientTape``; meanwhile every supported layer records its
-       input ``X`` and its pre-activation output ``z``. Supported: Keras 3
-       ``keras.layers.Dense`` (any activation, with or without bias; not a
-       subclass that overrides ``call``, not LoRA-enabled, not quantized)
-       called on inputs whose axis 0 is the ``E·n`` examples (rank 2 or more;
-       the kernel acts on the last axis). Convolutions, embeddings and other
-       layers are not factored: their variables fall back (below);
-    2. each environment's loss ``loss_fn(targets[e], outputs[e])`` (vectorised
-       over environments with ``tf.vectorized_map``) and one
-       ``tape.gradient(Σ_e loss_e, [z, ...])``: the gradients ``Δ`` at the
-       layers' outputs, without the weight-gradient products;
-    3. per layer, the environments' kernel gradients ``X_eᵀ Δ_e`` as one
-       batched matrix product ``(E, in, out)`` (in chunks of environments) and
-       bias gradients ``Σ Δ_e``, then :func:`gradand.statistics`. With one
-       example per environment (``n == 1``) on a rank-2 layer input and a
-       combiner whose statistics are in :data:`gradand.OUTER_STATISTICS`
-       (``Mean``, ``AndMask``, ``SandMask``), :func:`gradand.outer_statistics`
-       gives the statistics with no per-example gradient array at all.
-
-    Requirements: examples must not interact in the forward pass (so a
-    trainable ``BatchNormalization`` in training mode raises ``ValueError``);
-    a supported layer's variables must be used only through that layer's
-    call. Variables of a supported layer that is never called, or called on
-    inputs without the batch axis first, fall back.
-
-    Every other variable (``LayerNormalization``, ``Conv2D``, ``Embedding``,
-    custom layers, ...) falls back: with ``fallback="jacobian"`` its
-    per-environment gradients come from ``tape.jacobian`` of the
-    environments' losses over the same forward pass (``pfor``; each row a
-    backward pass through the whole batch, so this part costs about E
-    backward passes); with ``fallback="error"`` a ``ValueError`` lists them.
+    Supported: Keras 3 ``keras.layers.Dense`` (any activation, with or
+    without bias; not a subclass overriding ``call``, not LoRA, not quantized)
+    called on inputs whose axis 0 is the examples. Every other variable
+    (``LayerNormalization``, ``Conv2D``, ``Embedding``, ...) falls back: with
+    ``fallback="vectorized"`` its per-environment gradients come from
+    ``tape.jacobian`` of the losses (about E backward passes); with
+    ``fallback="error"`` a ``ValueError`` lists them. Examples must not
+    interact, so a trainable ``BatchNormalization`` in training mode raises.
 
     Args:
         model: a Keras model (or layer), called as ``model(x, training=training)``.
-        loss_fn: ``loss_fn(y_true, y_pred) -> scalar``: one environment's loss,
-            Keras's argument order (e.g. ``keras.losses.BinaryCrossentropy(from_logits=True)``).
-        inputs: ``(E, n, ...)`` floating tensors (or a ``tf.nest`` structure of
-            them): E environments of n examples; ``(B, 1, ...)`` makes every
-            example its own environment.
-        targets: ``(E, n, ...)`` (or a structure), the same E and n.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, one environment's
+            loss; a ``keras.losses.Loss`` object (or a ``keras.losses``
+            function) is called the Keras way, ``(targets, outputs)``.
+        inputs: ``(E, n, ...)`` (E environments of n examples; ``(B, 1, ...)``
+            makes every example its own environment), or ``(B, ...)`` with
+            ``env_ids``; floating tensors or a ``tf.nest`` structure of them.
+        targets: like ``inputs``.
         combiner: ``gradand.Mean()``, ``AndMask(...)``, ``GeometricMean(...)``, ``SandMask(...)``.
-        variables: what to differentiate (any ``tf.nest`` structure); default
-            ``model.trainable_variables``.
+        env_ids: ``(B,)`` integers, the environment of each example:
+            environments of any sizes (every one of ``range(num_envs)`` present).
+        num_envs: the number of environments with ``env_ids`` (needed inside
+            ``tf.function``; eagerly ``max(env_ids) + 1`` by default).
+        variables: what to differentiate; default ``model.trainable_variables``.
         training: passed to the model.
-        fallback: ``"jacobian"`` or ``"error"``, for variables outside
-            supported layers.
-        chunk_size: environments per batched product and statistics pass;
-            ``None`` picks about 2 MiB of gradients per chunk (cache-sized).
-            The result is the same.
-        nan_policy: as in :func:`vectorized_statistics`. ``"raise"`` checks
-            the summed statistics (a NaN or Inf in any environment reaches
-            them): eagerly ``ValueError``, in a ``tf.function``
-            ``tf.errors.InvalidArgumentError``, skipped under XLA.
-        loss_scale: the factor the losses carry, as in :func:`environment_statistics`.
-        return_losses: also return the ``(E,)`` tensor of the environments' losses.
+        fallback: ``"vectorized"`` or ``"error"``, for variables outside supported layers.
+        chunk_size: environments per batched product (the core's default: about 8 MiB).
+        nan_policy: ``"raise"`` checks the summed statistics (eagerly
+            ``ValueError``, in a ``tf.function`` ``tf.errors.InvalidArgumentError``,
+            skipped under XLA), ``"zero"`` or ``"propagate"``.
+        loss_scale: the factor the losses carry, as in :func:`streaming_statistics`.
 
     Returns:
-        A flat list (the order of ``tf.nest.flatten(variables)``) of
-        :class:`gradand.Statistics`, ``None`` for a variable that no loss
-        depends on; ``(statistics, losses)`` with ``return_losses=True``.
-        Finalize with :func:`finalize_gradients`.
+        ``(losses, stats)``: the ``(E,)`` losses and a flat list (the order of
+        ``tf.nest.flatten(variables)``) of :class:`gradand.Statistics`
+        (``None`` for a variable no loss depends on).
 
     Example:
         >>> import keras
@@ -330,33 +294,34 @@ def factored_statistics(
         >>> x = tf.random.normal((5, 8, 3))  # 5 environments of 8 examples
         >>> y = tf.cast(tf.random.uniform((5, 8, 1)) > 0.5, tf.float32)
         >>> bce = keras.losses.BinaryCrossentropy(from_logits=True)
-        >>> combiner = gradand.AndMask(threshold=0.8)
-        >>> stats = gtf.factored_statistics(model, bce, x, y, combiner)
-        >>> [s.count for s in stats], tuple(stats[0].mean.shape)
-        ([5, 5, 5, 5], (3, 4))
-        >>> slow = gtf.vectorized_statistics(lambda a, b: bce(b, model(a)), model.trainable_variables,
-        ...                                  (x, y), combiner)
-        >>> fast_grads, _ = gtf.finalize_gradients(stats, combiner)
-        >>> slow_grads, _ = gtf.finalize_gradients(slow, combiner)
-        >>> all(bool(tf.reduce_all(tf.abs(a - b) < 1e-5)) for a, b in zip(fast_grads, slow_grads))
+        >>> c = gradand.AndMask(threshold=0.8)
+        >>> losses, stats = gtf.factored_statistics(model, bce, x, y, c)
+        >>> tuple(losses.shape), [s.count for s in stats], tuple(stats[0].mean.shape)
+        ((5,), [5, 5, 5, 5], (3, 4))
+        >>> _, slow = gtf.vectorized_statistics(lambda a, b: bce(b, model(a)), model.trainable_variables,
+        ...                                     (x, y), c)
+        >>> fast, slow = gtf.finalize_gradients(stats, c)[0], gtf.finalize_gradients(slow, c)[0]
+        >>> all(bool(tf.reduce_all(tf.abs(a - b) < 1e-5)) for a, b in zip(fast, slow))
         True
     """
     if not callable(model):
         raise TypeError(f"model must be a callable Keras model or layer; got {type(model).__name__}")
     if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (y_true, y_pred) -> scalar; got {type(loss_fn).__name__}")
+        raise TypeError(f"loss_fn must be callable (outputs, targets) -> loss; got {type(loss_fn).__name__}")
     if not isinstance(combiner, Combiner):
         raise TypeError(
             f"combiner must be a gradand combiner (gradand.AndMask(), ...); got {type(combiner).__name__}"
         )
     check_nan_policy(nan_policy)
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
-    x_leaves, n_env, n_ex = _check_data("inputs", inputs)
+    fallback = check_fallback(fallback)
+    check_chunk_size(chunk_size)
+    if env_ids is None:
+        x_leaves, n_env, n_ex = _check_data("inputs", inputs)
+        y_leaves, y_env, y_ex = _check_data("targets", targets)
+    else:
+        x_leaves, y_leaves = _check_flat("inputs", inputs), _check_flat("targets", targets)
+        n_ex = y_ex = None
+        n_env = y_env = x_leaves[0].shape[0]
     for k, t in enumerate(x_leaves):
         if not t.dtype.is_floating:
             where = "inputs" if len(x_leaves) == 1 else f"inputs leaf {k}"
@@ -365,8 +330,8 @@ def factored_statistics(
                 f"model's inputs); got {t.dtype.name} with shape {tuple(t.shape)}. Cast with "
                 f"tf.cast(inputs, tf.float32), or use vectorized_statistics"
             )
-    _check_input_shapes(model, x_leaves)
-    y_leaves, y_env, y_ex = _check_data("targets", targets)
+    if env_ids is None:
+        _check_input_shapes(model, x_leaves)
     if (y_env, y_ex) != (n_env, n_ex):
         raise ValueError(
             f"targets must have the same (E, n) leading axes as inputs: inputs have shape "
@@ -379,19 +344,27 @@ def factored_statistics(
             raise TypeError(
                 f"model has no trainable_variables ({type(model).__name__}); pass variables= explicitly"
             )
-    flat_vars = _flat_variables(variables)
-    unscale = 1.0 / _resolve_loss_scale(loss_scale)
+    flat_vars = flat_variables(variables)
+    unscale = unscale_factor(loss_scale)
     _check_batch_norm(model, training)
 
-    batch = n_env * n_ex
-    wanted = {_key(v) for v in flat_vars}
-    supported = []
-    for layer in _layers(model):
-        if _supported(layer) and any(_key(v) in wanted for v in layer.trainable_variables):
-            supported.append(layer)
-    supported = list({id(m): m for m in supported}.values())
+    if env_ids is None:
+        batch = n_env * n_ex
+        flat_x = tf.nest.pack_sequence_as(inputs, [tf.reshape(t, (batch, *t.shape[2:])) for t in x_leaves])
+        groups = _Groups(None, n_env, n_ex)
+    else:
+        batch = n_env
+        env, n_env = _environment_ids(env_ids, num_envs, batch)
+        flat_x = inputs
+        groups = _Groups(env, n_env, None)
 
-    flat_x = tf.nest.pack_sequence_as(inputs, [tf.reshape(t, (batch, *t.shape[2:])) for t in x_leaves])
+    wanted = {_key(v) for v in flat_vars}
+    supported = [
+        layer
+        for layer in _layers(model)
+        if _supported(layer) and any(_key(v) in wanted for v in layer.trainable_variables)
+    ]
+    supported = list({id(m): m for m in supported}.values())
     calls: list[_Call] = []
     bad: set[int] = set()
     with tf.GradientTape(persistent=True) as tape:
@@ -405,21 +378,16 @@ def factored_statistics(
         out_leaves = tf.nest.flatten(out)
         for t in out_leaves:
             if t.shape.rank is None or t.shape.rank < 1 or t.shape[0] != batch:
+                where = f"(E·n = {n_env}·{n_ex})" if env_ids is None else "(one per env_ids entry)"
                 raise ValueError(
-                    f"model(inputs) must return tensors with the {batch} examples (E·n = {n_env}·{n_ex}) "
-                    f"on axis 0; got shape {tuple(t.shape)}"
+                    f"model(inputs) must return tensors with the {batch} examples {where} on axis 0; got "
+                    f"shape {tuple(t.shape)}"
                 )
-        outputs = tf.nest.pack_sequence_as(
-            out, [tf.reshape(t, (n_env, n_ex, *t.shape[1:])) for t in out_leaves]
-        )
-        losses = _env_losses(loss_fn, targets, outputs)
+        losses = _environment_losses(loss_fn, out, targets, groups)
         total = tf.reduce_sum(losses)
 
-    # Which variables are factored: those of supported layers called (only) on batch-first inputs.
-    called: dict[int, list[_Call]] = {}
-    for c in calls:
-        called.setdefault(id(c.layer), []).append(c)
     owner: dict[int, tuple[Any, str]] = {}
+    called = {id(c.layer) for c in calls}
     for layer in supported:
         if id(layer) in called and id(layer) not in bad:
             owner[_key(layer.kernel)] = (layer, "kernel")
@@ -434,131 +402,100 @@ def factored_statistics(
         raise ValueError(
             f"factored_statistics handles the variables of keras.layers.Dense layers called on "
             f"batch-first inputs; these variables are outside them: {listed}. Pass "
-            f"fallback='jacobian' (per-environment gradients by tape.jacobian) or use "
+            f"fallback='vectorized' (per-environment gradients by tape.jacobian) or use "
             f"vectorized_statistics"
         )
-
+    # "raise" inside a graph: one check of all the summed statistics (below), not one per variable
+    graph_check = nan_policy == "raise" and not tf.executing_eagerly()
+    policy = "propagate" if graph_check else nan_policy
     stats: list[Statistics | None] = [None] * len(flat_vars)
-    checks: list[Any] = []
     if rest:
         jac = tape.jacobian(
             losses, [flat_vars[k] for k in rest], unconnected_gradients=tf.UnconnectedGradients.NONE
         )
         for k, j in zip(rest, jac):
             if j is not None:
-                stats[k] = _stats(
-                    _scaled(_dense(j), unscale), combiner, nan_policy, _name(flat_vars[k]), checks
-                )
-
+                g = scaled(dense(j), unscale)
+                stats[k] = gradand.statistics(g, combiner, axis=0, nan_policy=policy, xp=xp)
     owners = {id(layer) for layer, _ in owner.values()}
     needed = [c for c in calls if id(c.layer) in owners]
     deltas = tape.gradient(total, [c.z for c in needed]) if needed else []
     del tape
-    delta_of = {id(c): d for c, d in zip(needed, deltas)}
-    outer_ok = n_ex == 1 and set(combiner.statistics) <= gradand.OUTER_STATISTICS
-
     for k, v in enumerate(flat_vars):
-        if _key(v) not in owner:
-            continue
-        layer, kind = owner[_key(v)]
-        parts = [(c, delta_of[id(c)]) for c in called[id(layer)] if delta_of[id(c)] is not None]
-        if not parts:
-            continue  # the layer's output does not reach the loss: no gradient, as tape.gradient says
-        dtype = tf.as_dtype(v.dtype)
-        name = _name(v)
-        factors = []
-        for c, d in parts:
-            x = c.x if c.x.dtype == dtype else tf.cast(c.x, dtype)
-            d = _scaled(d if d.dtype == dtype else tf.cast(d, dtype), unscale)
-            factors.append((x, d))
-        if outer_ok and len(factors) == 1 and factors[0][0].shape.rank == 2:
-            x, d = factors[0]
-            if kind == "kernel":  # every example its own environment: g_b = x_b ⊗ δ_b, shape (in, out)
-                stats[k] = _stats(d, combiner, nan_policy, name, checks, outer=x)
-            else:
-                stats[k] = _stats(d, combiner, nan_policy, name, checks)
-            continue
-        rows = [
-            (tf.reshape(x, (n_env, -1, x.shape[-1])), tf.reshape(d, (n_env, -1, d.shape[-1])))
-            for x, d in factors
-        ]
-        step = chunk_size or max(1, _CHUNK_BYTES // max(1, math.prod(v.shape) * max(4, dtype.size)))
-        total_stats = Statistics()
-        for lo, hi in _chunks(n_env, step):
-            g = None
-            for x, d in rows:
-                if kind == "kernel":
-                    gi = tf.linalg.matmul(x[lo:hi], d[lo:hi], transpose_a=True)
-                else:
-                    gi = tf.reduce_sum(d[lo:hi], axis=1)
-                g = gi if g is None else g + gi
-            total_stats = total_stats + _stats(g, combiner, nan_policy, name, checks)
-        stats[k] = total_stats
-    stats = _checked(stats, checks)
-    return (stats, losses) if return_losses else stats
+        if _key(v) in owner:
+            layer, kind = owner[_key(v)]
+            parts = [(c, d) for c, d in zip(needed, deltas) if c.layer is layer and d is not None]
+            if parts:  # else the layer's output does not reach the loss: no gradient
+                stats[k] = _layer_statistics(v, kind, parts, groups, combiner, chunk_size, policy, unscale)
+    return scaled(losses, unscale), _checked(stats) if graph_check else stats
 
 
-def _name(v: Any) -> str:
-    return f"variable {getattr(v, 'path', None) or v.name!r} (shape {tuple(v.shape)})"
-
-
-def factored_gradients(
-    model: Any,
-    loss_fn: Callable[[Any, Any], Any],
-    inputs: Any,
-    targets: Any,
+def _layer_statistics(
+    v: Any,
+    kind: str,
+    parts: list[Any],
+    groups: _Groups,
     combiner: Combiner,
-    *,
-    variables: Any = None,
-    training: bool = True,
-    fallback: str = "jacobian",
-    chunk_size: int | None = None,
-    nan_policy: NanPolicy = "raise",
-    loss_scale: float | None = None,
-) -> CombinedGradients:
-    """Combined gradients by the factored path: :func:`factored_statistics`, then :func:`finalize_gradients`.
-
-    Returns :class:`CombinedGradients` ``(gradients, info)`` in the structure
-    of ``variables`` (default ``model.trainable_variables``), ready for
-    ``optimizer.apply_gradients``; the same as :func:`combined_gradients`
-    (up to floating-point rounding). Under ``tf.distribute`` (inside
-    ``strategy.run``, each replica passing its own environments) the
-    statistics are all-reduced and the update divided by the number of
-    replicas, as in :func:`combined_gradients`. Arguments as in
-    :func:`factored_statistics`.
-
-    Example:
-        >>> import keras
-        >>> import tensorflow as tf
-        >>> import gradand
-        >>> import gradand.backends.tensorflow as gtf
-        >>> keras.utils.set_random_seed(0)
-        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"),
-        ...                           keras.layers.Dense(1)])
-        >>> optimizer = keras.optimizers.SGD(0.1)
-        >>> @tf.function
-        ... def step(x, y):
-        ...     grads, info = gtf.factored_gradients(model, keras.losses.MeanSquaredError(), x, y,
-        ...                                          gradand.AndMask(threshold=0.8))
-        ...     optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        ...     return info
-        >>> info = step(tf.random.normal((16, 1, 3)), tf.random.normal((16, 1, 1)))  # per-example
-        >>> len(info), float(info[0].survivor_fraction) <= 1.0
-        (4, True)
-    """
-    if variables is None:
-        variables = getattr(model, "trainable_variables", None)
-    stats = factored_statistics(
-        model,
-        loss_fn,
-        inputs,
-        targets,
+    chunk_size: Any,
+    policy: Any,
+    unscale: Any,
+) -> Statistics:
+    """Hand one variable's ``X`` and ``Δ`` (per call of its layer, grouped by environment) to the core."""
+    dtype = tf.as_dtype(v.dtype)
+    cast = lambda t: t if t.dtype == dtype else tf.cast(t, dtype)  # noqa: E731
+    factors = [
+        gradand.LayerFactors(groups(cast(c.x)) if kind == "kernel" else None, groups(cast(d)))
+        for c, d in parts
+    ]
+    scale = None if isinstance(unscale, float) and unscale == 1.0 else tf.cast(1.0 / unscale, dtype)
+    return gradand.layer_statistics(
+        factors,
         combiner,
-        variables=variables,
-        training=training,
-        fallback=fallback,
+        shape=tuple(v.shape),
+        layout="in_out",
         chunk_size=chunk_size,
-        nan_policy=nan_policy,
-        loss_scale=loss_scale,
+        scale=scale,
+        nan_policy=policy,
+        name=f"variable {getattr(v, 'path', None) or v.name!r}",
+        xp=xp,
     )
-    return _finish(stats, combiner, variables)
+
+
+def _environment_losses(loss_fn: Callable[..., Any], out: Any, targets: Any, groups: _Groups) -> Any:
+    """``(E,)``: each environment's ``loss_fn(outputs_e, targets_e)``."""
+    if groups.env is None:
+        n_env, n_ex = groups.num_envs, groups.n_ex
+        outputs = tf.nest.map_structure(lambda t: tf.reshape(t, (n_env, n_ex, *t.shape[1:])), out)
+        return tf.vectorized_map(lambda a: call_loss(loss_fn, a[0], a[1]), (outputs, targets))
+    outs = [groups.split(t) for t in tf.nest.flatten(out)]
+    tgts = [groups.split(tf.convert_to_tensor(t)) for t in tf.nest.flatten(targets)]
+    losses = []
+    for e in range(groups.num_envs):
+        o = tf.nest.pack_sequence_as(out, [p[e] for p in outs])
+        y = tf.nest.pack_sequence_as(targets, [p[e] for p in tgts])
+        losses.append(call_loss(loss_fn, o, y))
+    return tf.stack(losses)
+
+
+def _checked(stats: list[Statistics | None]) -> list[Statistics | None]:
+    """``stats`` after one ``check_numerics`` of a scalar that is NaN when a summed mean is not finite."""
+    means = [s.mean for s in stats if s is not None and s.mean is not None]
+    if not means:
+        return stats
+    flag = tf.add_n([tf.cast(tf.reduce_sum(m * tf.zeros((), m.dtype)), tf.float32) for m in means])
+    flag = xp.gradand_check_finite(flag, "a per-environment gradient")
+    with tf.control_dependencies([flag]):
+        return [None if s is None or s.mean is None else s.replace(mean=tf.identity(s.mean)) for s in stats]
+
+
+def _check_flat(name: str, data: Any) -> list[Any]:
+    leaves = [tf.convert_to_tensor(t) for t in tf.nest.flatten(data)]
+    if not leaves:
+        raise ValueError(f"{name} is empty; pass tensors of shape (B, ...) with env_ids")
+    sizes = {t.shape[0] if t.shape.rank else None for t in leaves}
+    if len(sizes) != 1 or None in sizes or 0 in sizes:
+        raise ValueError(
+            f"with env_ids, every tensor of {name} must have the same static, non-zero number of "
+            f"examples on axis 0; got shapes {[tuple(t.shape) for t in leaves]}"
+        )
+    return leaves

@@ -11,14 +11,25 @@ Either trains on batches that carry environments:
   stack the environments on axis 1;
 - an environment **index** (``num_environments=E``): batches are
   ``(x, y, environment)`` or ``(x, y, environment, sample_weight)`` with an
-  integer ``environment`` of shape ``(B,)``; environments absent from a batch
-  are left out of that step's statistics.
+  integer ``environment`` of shape ``(B,)``. A batch drawn from a shuffled
+  stream of examples may legitimately miss an environment: that step's
+  statistics are over the environments present (``count`` is their number).
+  An index outside ``[0, num_environments)`` stops training with an error
+  naming the index and ``num_environments`` (``tf.errors.InvalidArgumentError``
+  inside the compiled step, ``ValueError`` with ``run_eagerly=True``).
+
+With ``environment_axis=0`` the environments are the first axis of every
+batch, so ``fit`` must be given whole batches (a ``tf.data.Dataset``, e.g.
+:func:`environment_batches`): numpy arrays or tensors passed to ``fit`` would
+be cut along the environment axis by ``batch_size``, so they raise
+``ValueError`` (use ``environment_axis=1`` for arrays ``(N, E, ...)``).
 
 Each environment's loss is the compiled loss on its examples; their gradients
 are combined per variable (:func:`combined_gradients`) and handed to the
 optimizer. ``fit`` shows ``survivor_fraction`` (fraction of all parameters
 whose update survives the mask) and ``agreement`` (mean sign agreement) next
-to the loss.
+to the loss. They are training metrics only: ``evaluate`` and validation
+report what the same Keras model without gradand reports.
 """
 
 from __future__ import annotations
@@ -28,18 +39,15 @@ import importlib
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import gradand
 from gradand import Combiner
 from gradand._namespace import NAN_POLICIES
-from gradand.backends.tensorflow._gradients import (
-    METHODS,
-    _finish,
-    _loop_statistics,
-    _replicas,
-    vectorized_statistics,
-)
+from gradand.backends.tensorflow._common import METHODS, check_method, replicas
+from gradand.backends.tensorflow._entry import finish
+from gradand.backends.tensorflow._sources import fold_statistics, vectorized_statistics
 
 __all__ = ["EnvironmentModel", "EnvironmentTrainStep"]
 
@@ -77,7 +85,7 @@ def _check_environment_config(
     method: Any,
     nan_policy: Any,
     weight_decay: Any,
-) -> Combiner:
+) -> tuple[Combiner, str]:
     combiner = combiner_from_config(combiner) if isinstance(combiner, dict) else combiner
     if not isinstance(combiner, Combiner):
         raise TypeError(
@@ -91,18 +99,17 @@ def _check_environment_config(
         raise ValueError(
             f"num_environments must be None (environment axis) or an int >= 1; got {num_environments!r}"
         )
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    method = check_method(method, METHODS)
     if num_environments is not None and method == "vectorized":
         raise ValueError(
             "method='vectorized' needs equal-sized environments on an axis; with an environment index "
-            "(num_environments given) use method='loop'"
+            "(num_environments given) use method='streaming'"
         )
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}; got {nan_policy!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
         raise ValueError(f"weight_decay must be a number >= 0; got {weight_decay!r}")
-    return combiner
+    return combiner, method
 
 
 def _merge_leading(t: Any) -> Any:
@@ -131,13 +138,13 @@ class EnvironmentTrainStep:
     models; :class:`EnvironmentModel` wraps an existing model instead.
 
     Args:
-        combiner: how to combine the environments' gradients (default
-            ``gradand.AndMask()``).
+        combiner: how to combine the environments' gradients (required,
+            e.g. ``gradand.AndMask(threshold=0.8)``).
         environment_axis: the axis of every batch tensor that indexes
             environments (0: ``(E, B, ...)``, 1: ``(B, E, ...)``).
         num_environments: set it to train on batches ``(x, y, environment)``
             with an integer environment index per example instead of an axis.
-        method: ``"loop"`` (one forward/backward pass per environment; memory
+        method: ``"streaming"`` (one forward/backward pass per environment; memory
             independent of E) or ``"vectorized"`` (``tf.vectorized_map`` over the
             environment axis; needs an axis).
         nan_policy: ``"raise"``, ``"zero"`` or ``"propagate"``. With a
@@ -178,22 +185,28 @@ class EnvironmentTrainStep:
         combiner: Combiner | None = None,
         environment_axis: int = 0,
         num_environments: int | None = None,
-        method: str = "loop",
+        method: str = "streaming",
         nan_policy: str = "raise",
         weight_decay: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        if combiner is None and not _LOADING.active:
+            raise TypeError(
+                f"{type(self).__name__} needs combiner=, how to combine the environments' gradients "
+                f"(e.g. combiner=gradand.AndMask(threshold=0.8); gradand.Mean() is plain averaging)"
+            )
         super().__init__(*args, **kwargs)
         self.configure_environments(
-            combiner=gradand.AndMask() if combiner is None else combiner,
+            combiner=gradand.Mean() if combiner is None else combiner,  # replaced by from_config
             environment_axis=environment_axis,
             num_environments=num_environments,
             method=method,
             nan_policy=nan_policy,
             weight_decay=weight_decay,
         )
-        self.survivor_fraction_tracker = keras.metrics.Mean(name="survivor_fraction")
-        self.agreement_tracker = keras.metrics.Mean(name="agreement")
+        # Not tracked as attributes, so that evaluate() and validation do not report them.
+        trackers = (keras.metrics.Mean(name="survivor_fraction"), keras.metrics.Mean(name="agreement"))
+        object.__setattr__(self, "_gradand_trackers", trackers)
 
     def configure_environments(
         self,
@@ -201,12 +214,12 @@ class EnvironmentTrainStep:
         combiner: Combiner,
         environment_axis: int = 0,
         num_environments: int | None = None,
-        method: str = "loop",
+        method: str = "streaming",
         nan_policy: str = "raise",
         weight_decay: float = 0.0,
     ) -> None:
         """Validate and set the environment settings (call ``compile()`` again after a change)."""
-        self.combiner = _check_environment_config(
+        self.combiner, method = _check_environment_config(
             combiner, environment_axis, num_environments, method, nan_policy, weight_decay
         )
         self.environment_axis = environment_axis
@@ -238,15 +251,29 @@ class EnvironmentTrainStep:
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:
         config = dict(config)
         settings = {k: config.pop(k) for k in _CONFIG_KEYS if k in config}
-        model = super().from_config(config, custom_objects=custom_objects)  # type: ignore[misc]
-        if settings:
-            settings.setdefault("combiner", gradand.AndMask())
-            model.configure_environments(**settings)
+        if "combiner" not in settings:
+            raise TypeError(f"cannot load {cls.__name__}: its config stores no combiner")
+        with _LOADING:
+            model = super().from_config(config, custom_objects=custom_objects)  # type: ignore[misc]
+        model.configure_environments(**settings)
         return model
+
+    def reset_metrics(self) -> None:
+        super().reset_metrics()  # type: ignore[misc]
+        for tracker in self._gradand_trackers:
+            tracker.reset_state()
 
     # --- training --------------------------------------------------------------------------
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         """``keras.Model.fit`` on environment batches (``validation_data`` takes ordinary batches)."""
+        x = args[0] if args else kwargs.get("x")
+        if self.num_environments is None and self.environment_axis == 0 and _is_arrays(x):
+            raise ValueError(
+                "with environment_axis=0, fit() would cut numpy arrays or tensors into batches along the "
+                "environment axis (batch_size splits the environments); pass a tf.data.Dataset of whole "
+                "batches (E, B, ...) (e.g. gtf.environment_batches) or arrays (N, E, ...) with "
+                "environment_axis=1"
+            )
         object.__setattr__(self, "_gradand_build_from_environments", True)
         try:
             return super().fit(*args, **kwargs)
@@ -311,7 +338,7 @@ class EnvironmentTrainStep:
         leaves = [t for t in tf.nest.flatten(structure) if t is not None]
         if env is not None:
             n = self.num_environments
-            env = tf.cast(tf.reshape(env, [-1]), tf.int32)
+            env = _checked_index(tf.cast(tf.reshape(env, [-1]), tf.int32), n)
             split = [tf.dynamic_partition(t, env, n) for t in leaves]
             present = tf.math.bincount(env, minlength=n, maxlength=n) > 0
             presence = [present[e] for e in range(n)]
@@ -340,8 +367,8 @@ class EnvironmentTrainStep:
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight, env = self._unpack(data)
-        _, replicas = _replicas()
-        if replicas > 1 and (self.num_environments is not None or self.environment_axis != 0):
+        _, n_replicas = replicas()
+        if n_replicas > 1 and (self.num_environments is not None or self.environment_axis != 0):
             raise ValueError(
                 "under a tf.distribute strategy the environments must be split across replicas: use "
                 "batches with environment_axis=0 (e.g. environment_batches(...)); with an environment "
@@ -360,7 +387,7 @@ class EnvironmentTrainStep:
                     scaled.append(s)
                     losses.append(loss)
                     preds.append(y_pred_e)
-            stats = _loop_statistics(
+            stats = fold_statistics(
                 tape, scaled, variables, self.combiner, nan_policy=self.nan_policy, present=present
             )
             del tape
@@ -371,19 +398,19 @@ class EnvironmentTrainStep:
                 mean_loss = tf.reduce_sum(tf.stack(losses) * w) / tf.reduce_sum(w)
             x_all, y_all, sw_all = (_concat([p[k] for p in parts]) for k in range(3))
             y_pred = _concat(preds)
-        combined = _finish(stats, self.combiner, variables)
-        grads = combined.gradients
+        grads, result = finish(tf.zeros((1,)), stats, self.combiner, variables)
         if self.weight_decay:
-            share = self.weight_decay / replicas  # each replica's share: the optimizer sums them
+            share = self.weight_decay / n_replicas  # each replica's share: the optimizer sums them
             grads = [None if g is None else g + tf.cast(share, g.dtype) * v for g, v in zip(grads, variables)]
         if variables:
             self.optimizer.apply_gradients(zip(grads, variables))
-        summary = combined.summary()
-        self.survivor_fraction_tracker.update_state(summary.survivor_fraction)
-        self.agreement_tracker.update_state(summary.agreement)
+        survivors, agreement = self._gradand_trackers
+        survivors.update_state(result.summary.survivor_fraction)
+        agreement.update_state(result.summary.agreement)
         first = next(t for t in tf.nest.flatten(x_all) if t is not None)
         self._loss_tracker.update_state(mean_loss, sample_weight=tf.shape(first)[0])
-        return self.compute_metrics(x_all, y_all, y_pred, sample_weight=sw_all)
+        logs = dict(self.compute_metrics(x_all, y_all, y_pred, sample_weight=sw_all))
+        return {**logs, "survivor_fraction": survivors.result(), "agreement": agreement.result()}
 
     def _vectorized(self, x: Any, y: Any, sample_weight: Any, variables: Any) -> tuple[Any, ...]:
         axis = self.environment_axis
@@ -403,7 +430,7 @@ class EnvironmentTrainStep:
             s, loss, y_pred_e = self._environment_loss(x_e, y_e, data[2] if has_weight else None)
             return s, (loss, y_pred_e)
 
-        stats, (losses, y_pred) = vectorized_statistics(
+        _, stats, (losses, y_pred) = vectorized_statistics(
             env_loss,
             variables,
             elems,
@@ -414,6 +441,39 @@ class EnvironmentTrainStep:
         )
         merge = lambda t: tf.nest.map_structure(_merge_leading, t) if t is not None else None  # noqa: E731
         return stats, merge(x), merge(y), merge(sample_weight), merge(y_pred), losses
+
+
+class _Loading:
+    """Set while Keras rebuilds a model from its config (the combiner is configured right after)."""
+
+    active = False
+
+    def __enter__(self) -> None:
+        type(self).active = True
+
+    def __exit__(self, *exc: Any) -> None:
+        type(self).active = False
+
+
+_LOADING = _Loading()
+
+
+def _is_arrays(x: Any) -> bool:
+    leaves = tf.nest.flatten(x) if x is not None else []
+    return bool(leaves) and all(isinstance(t, (np.ndarray, tf.Tensor)) for t in leaves)
+
+
+def _checked_index(env: Any, n: int) -> Any:
+    """``env`` after a check that every index is in ``[0, n)``, with an error naming them."""
+    bad = tf.logical_or(env < 0, env >= n)
+    if tf.executing_eagerly():
+        if bool(tf.reduce_any(bad)):
+            wrong = sorted({int(i) for i in tf.boolean_mask(env, bad).numpy()})
+            raise ValueError(f"environment index {wrong} outside [0, num_environments={n})")
+        return env
+    msg = f"gradand: an environment index is outside [0, num_environments={n}); the indices:"
+    with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [msg, env])]):
+        return tf.identity(env)
 
 
 @keras.saving.register_keras_serializable(package="gradand")
@@ -464,5 +524,7 @@ class EnvironmentModel(EnvironmentTrainStep, keras.Model):
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> EnvironmentModel:
         config = dict(config)
         model = keras.saving.deserialize_keras_object(config.pop("model"), custom_objects=custom_objects)
+        if "combiner" not in config:
+            raise TypeError(f"cannot load {cls.__name__}: its config stores no combiner")
         config["combiner"] = combiner_from_config(config["combiner"])
         return cls(model, **config)

@@ -65,6 +65,7 @@ __all__ = [
     "minimum",
     "ones",
     "ones_like",
+    "reshape",
     "sign",
     "sqrt",
     "sum",
@@ -98,6 +99,7 @@ maximum = tf.maximum
 minimum = tf.minimum
 matmul = tf.linalg.matmul
 matrix_transpose = tf.linalg.matrix_transpose
+reshape = tf.reshape
 zeros_like = tf.zeros_like
 ones_like = tf.ones_like
 
