@@ -1,6 +1,6 @@
 """Mixed precision with the AND-mask: torch.autocast + torch.amp.GradScaler.
 
-The losses are scaled by the GradScaler as usual; gt.backward(..., grad_scaler=scaler)
+The losses are scaled by the GradScaler as usual; gt.backward(..., loss_scale=scaler)
 unscales each environment's gradient (in float32) *before* combining them, because
 some combiners are not scale-equivariant (SandMask's variance scales with the
 square of the loss scale), then writes the scaled update into .grad so that
@@ -35,11 +35,11 @@ for step in range(150):
     optimizer.zero_grad()
     with torch.autocast(device, dtype=dtype):
         losses = torch.stack([F.cross_entropy(model(x[e]), y[e]) for e in range(n_envs)])
-    infos = gt.backward(scaler.scale(losses), model.parameters(), combiner, grad_scaler=scaler)
+    result = gt.backward(scaler.scale(losses), model.parameters(), combiner, loss_scale=scaler)
     scaler.step(optimizer)
     scaler.update()
     if step % 50 == 0 or step == 149:
-        kept = sum(float(i.survivor_fraction) for i in infos) / len(infos)
+        kept = float(result.summary.survivor_fraction)
         loss = losses.float().mean().item()
         print(f"step {step:3d}  loss {loss:.3f}  mask mean {kept:.2f}  scale {scaler.get_scale():g}")
 with torch.no_grad(), torch.autocast(device, dtype=dtype):

@@ -77,7 +77,7 @@ optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 for step in range(100):
     optimizer.zero_grad()
     losses = [F.cross_entropy(model(x[e]), y[e]) for e in mine]
-    infos = gt.backward(losses, model.parameters(), combiner, all_reduce=True)
+    gt.backward(losses, model.parameters(), combiner, all_reduce=True)
     optimizer.step()
     if rank == 0 and step % 25 == 0:
         print(f"[local envs] step {step:3d}  mean loss on rank 0 {torch.stack(losses).mean().item():.3f}")

@@ -3,7 +3,7 @@
 The paper's memorisation experiment in miniature. An MLP is trained on 512 points
 twice: with labels that follow a rule (y = [x0 + x1 > 0]) and with random labels.
 Each minibatch example is its own environment (inputs shaped (B, 1, ...) for
-gt.vmap_backward). Plain averaging fits both, memorising the random labels; the
+gt.model_backward). Plain averaging fits both, memorising the random labels; the
 AND-mask only follows gradient directions that most examples agree on, so it learns
 the rule and stays near chance on random labels.
 
@@ -37,7 +37,7 @@ for label_name, y in labels.items():
         for _ in range(steps):
             idx = torch.randint(0, n, (batch,), generator=g)
             optimizer.zero_grad()
-            gt.vmap_backward(model, F.cross_entropy, x[idx, None], y[idx, None], combiner)
+            gt.model_backward(model, F.cross_entropy, x[idx, None], y[idx, None], combiner)
             optimizer.step()
         with torch.no_grad():
             accuracy[name] = (model(x).argmax(-1) == y).float().mean().item()

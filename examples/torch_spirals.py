@@ -51,11 +51,11 @@ for name, combiner in {"mean": gradand.Mean(), "and_mask": gradand.AndMask(thres
     for step in range(1000):
         optimizer.zero_grad()
         losses = [F.cross_entropy(model(x[e]), y[e]) for e in range(len(x))]  # one loss per environment
-        infos = gt.backward(losses, model.parameters(), combiner)  # instead of loss.backward()
+        result = gt.backward(losses, model.parameters(), combiner)  # instead of loss.backward()
         optimizer.step()
         if step % 250 == 0:
-            kept = sum(float(i.survivor_fraction) for i in infos) / len(infos)
-            print(f"{name:>8} step {step:4d}  loss {sum(losses).item() / len(losses):.3f}  kept {kept:.3f}")
+            kept = float(result.summary.survivor_fraction)
+            print(f"{name:>8} step {step:4d}  loss {float(result.loss):.3f}  kept {kept:.3f}")
     with torch.no_grad():
         train = (model(x).argmax(-1) == y).float().mean().item()
         test = (model(x_test).argmax(-1) == y_test).float().mean().item()

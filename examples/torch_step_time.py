@@ -47,29 +47,29 @@ def streaming_shared_forward():  # one forward over every environment, E backwar
 
 
 def vectorised():
-    gt.vmap_backward(model, F.cross_entropy, x, y, combiner)
+    gt.model_backward(model, F.cross_entropy, x, y, combiner, method="vectorized")
 
 
 def vectorised_no_nan_check():  # nan_policy="propagate": no host sync per tensor
-    gt.vmap_backward(model, F.cross_entropy, x, y, combiner, nan_policy="propagate")
+    gt.model_backward(model, F.cross_entropy, x, y, combiner, method="vectorized", nan_policy="propagate")
 
 
 def vectorised_chunked():
-    gt.vmap_backward(model, F.cross_entropy, x, y, combiner, chunk_size=4)
+    gt.model_backward(model, F.cross_entropy, x, y, combiner, method="vectorized", chunk_size=4)
 
 
 def factored():  # one forward, one backward to the layers' outputs, per-environment Δ_eᵀ X_e
-    gt.factored_backward(model, F.cross_entropy, x, y, combiner)
+    gt.model_backward(model, F.cross_entropy, x, y, combiner)
 
 
 strategies = {
     "plain averaging (loss.backward)": plain,
     "streaming gt.backward, separate forwards": streaming_separate_forwards,
     "streaming gt.backward, shared forward": streaming_shared_forward,
-    "vectorised gt.vmap_backward": vectorised,
+    'vectorised gt.model_backward(method="vectorized")': vectorised,
     "vectorised, nan_policy='propagate'": vectorised_no_nan_check,
     "vectorised, chunk_size=4": vectorised_chunked,
-    "factored gt.factored_backward": factored,
+    "factored gt.model_backward": factored,
 }
 
 

@@ -59,7 +59,7 @@ def test_half_precision_models_get_updates_in_their_dtype_equal_to_the_core(dtyp
     if strategy == "streaming":
         gt.backward([F.cross_entropy(model(x[e]), y[e]) for e in range(4)], params, SAND)
     else:
-        gt.vmap_backward(model, F.cross_entropy, x, y, SAND)
+        gt.model_backward(model, F.cross_entropy, x, y, SAND, method="vectorized")
     for p, e in zip(params, expected):
         assert p.grad.dtype == e.dtype == dtype
         tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
@@ -87,7 +87,7 @@ def test_autocast_with_grad_scaler_equals_combining_the_unscaled_gradients(combi
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = torch.stack(autocast_losses(model, x, y))
-    infos = gt.backward(scaler.scale(losses), model.parameters(), combiner, grad_scaler=scaler)
+    infos = gt.backward(scaler.scale(losses), model.parameters(), combiner, loss_scale=scaler).infos
     scaler.step(opt)
     scaler.update()
     assert scaler.get_scale() == 2.0**14  # no inf: the scale is kept
@@ -104,9 +104,9 @@ def test_vmap_backward_with_autocast_and_grad_scaler_equals_streaming() -> None:
     x, y = data(3)
     a, b = mlp(3), mlp(3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    gt.backward(scaler.scale(torch.stack(autocast_losses(a, x, y))), a.parameters(), SAND, grad_scaler=scaler)
+    gt.backward(scaler.scale(torch.stack(autocast_losses(a, x, y))), a.parameters(), SAND, loss_scale=scaler)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        gt.vmap_backward(b, F.cross_entropy, x, y, SAND, grad_scaler=scaler)
+        gt.model_backward(b, F.cross_entropy, x, y, SAND, loss_scale=scaler, method="vectorized")
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=1e-2)  # bf16 forward, two code paths
 
@@ -119,7 +119,7 @@ def test_non_finite_gradient_under_a_grad_scaler_skips_the_step_and_lowers_the_s
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = autocast_losses(model, x, y)
     losses[2] = losses[2] + model[2].bias.sum() * float("inf")  # an overflowing environment
-    gt.backward([scaler.scale(loss) for loss in losses], model.parameters(), SAND, grad_scaler=scaler)
+    gt.backward([scaler.scale(loss) for loss in losses], model.parameters(), SAND, loss_scale=scaler)
     assert not torch.isfinite(model[2].bias.grad).all()
     scaler.step(opt)
     scaler.update()
@@ -132,14 +132,14 @@ def test_a_disabled_grad_scaler_changes_nothing() -> None:
     x, y = data(5)
     a, b = mlp(5), mlp(5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    gt.backward([F.cross_entropy(a(x[e]), y[e]) for e in range(4)], a.parameters(), SAND, grad_scaler=scaler)
+    gt.backward([F.cross_entropy(a(x[e]), y[e]) for e in range(4)], a.parameters(), SAND, loss_scale=scaler)
     gt.backward([F.cross_entropy(b(x[e]), y[e]) for e in range(4)], b.parameters(), SAND)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p.grad, q.grad)
 
 
-def test_grad_scaler_must_be_a_grad_scaler() -> None:
+def test_loss_scale_must_be_a_number_or_a_grad_scaler() -> None:
     x, y = data(6)
     model = mlp(6)
-    with pytest.raises(TypeError, match=r"grad_scaler must be a torch\.amp\.GradScaler"):
-        gt.backward([F.cross_entropy(model(x[0]), y[0])], model.parameters(), SAND, grad_scaler=2.0)
+    with pytest.raises(TypeError, match=r"loss_scale must be a number or a torch\.amp\.GradScaler"):
+        gt.backward([F.cross_entropy(model(x[0]), y[0])], model.parameters(), SAND, loss_scale="2")

@@ -81,7 +81,7 @@ def test_streaming_backward_equals_numpy_core(combiner, n_env) -> None:
     x, y = data(10 + n_env, n_env)
     expected, infos = oracle(model, x, y, combiner)
     losses = [F.cross_entropy(model(x[e]), y[e]) for e in range(n_env)]
-    got_infos = gt.backward(losses, model.parameters(), combiner)
+    got_infos = gt.backward(losses, model.parameters(), combiner).infos
     assert_close_to(grads_of(model), expected)
     for g, e in zip(got_infos, infos):
         np.testing.assert_allclose(float(g.survivor_fraction), float(e.survivor_fraction), rtol=1e-6)
@@ -94,7 +94,7 @@ def test_vmap_backward_equals_numpy_core(combiner, n_env) -> None:
     model = mlp(n_env)
     x, y = data(20 + n_env, n_env)
     expected, infos = oracle(model, x, y, combiner)
-    loss, got_infos = gt.vmap_backward(model, F.cross_entropy, x, y, combiner)
+    loss, _, got_infos, *_ = gt.model_backward(model, F.cross_entropy, x, y, combiner, method="vectorized")
     assert_close_to(grads_of(model), expected)
     for g, e in zip(got_infos, infos):
         np.testing.assert_allclose(float(g.survivor_fraction), float(e.survivor_fraction), rtol=1e-6)
@@ -112,7 +112,7 @@ def test_streaming_with_one_shared_graph_equals_vectorised(combiner) -> None:
     out = a(x.reshape(-1, 3)).reshape(6, 5, 2)
     losses = torch.stack([F.cross_entropy(out[e], y[e]) for e in range(6)])
     gt.backward(losses, a.parameters(), combiner)
-    gt.vmap_backward(b, F.cross_entropy, x, y, combiner)
+    gt.model_backward(b, F.cross_entropy, x, y, combiner, method="vectorized")
     assert_close_to(grads_of(a), grads_of(b), rtol=1e-5)
 
 
@@ -121,8 +121,8 @@ def test_chunked_vmap_equals_unchunked(chunk_size) -> None:
     combiner = gradand.SandMask(threshold=0.2, k=5.0)
     x, y = data(4, 7)
     a, b = mlp(4), mlp(4)
-    la, _ = gt.vmap_backward(a, F.cross_entropy, x, y, combiner)
-    lb, _ = gt.vmap_backward(b, F.cross_entropy, x, y, combiner, chunk_size=chunk_size)
+    la, *_ = gt.model_backward(a, F.cross_entropy, x, y, combiner, method="vectorized")
+    lb, *_ = gt.model_backward(b, F.cross_entropy, x, y, combiner, chunk_size=chunk_size, method="vectorized")
     assert_close_to(grads_of(a), grads_of(b), rtol=1e-5)
     np.testing.assert_allclose(la.item(), lb.item(), rtol=1e-6)
 
@@ -133,9 +133,15 @@ def test_env_ids_equal_the_stacked_environment_axis() -> None:
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
     ids = torch.arange(4).repeat_interleave(6)[perm]
     a, b = mlp(5), mlp(5)
-    la, _ = gt.vmap_backward(a, F.cross_entropy, x, y, combiner)
-    lb, _ = gt.vmap_backward(
-        b, F.cross_entropy, x.reshape(24, 3)[perm], y.reshape(24)[perm], combiner, env_ids=ids
+    la, *_ = gt.model_backward(a, F.cross_entropy, x, y, combiner, method="vectorized")
+    lb, *_ = gt.model_backward(
+        b,
+        F.cross_entropy,
+        x.reshape(24, 3)[perm],
+        y.reshape(24)[perm],
+        combiner,
+        env_ids=ids,
+        method="vectorized",
     )
     assert_close_to(grads_of(a), grads_of(b), rtol=1e-5)
     np.testing.assert_allclose(la.item(), lb.item(), rtol=1e-6)
@@ -147,7 +153,7 @@ def test_env_ids_with_unequal_environment_sizes_equal_streaming() -> None:
     ids = torch.tensor([0, 1, 1, 2, 2, 2, 0, 1, 3, 3, 2, 4])
     x, y = torch.randn(12, 3, generator=g), torch.randint(0, 2, (12,), generator=g)
     a, b = mlp(6), mlp(6)
-    gt.vmap_backward(a, F.cross_entropy, x, y, combiner, env_ids=ids, chunk_size=2)
+    gt.model_backward(a, F.cross_entropy, x, y, combiner, env_ids=ids, chunk_size=2, method="vectorized")
     gt.backward([F.cross_entropy(b(x[ids == e]), y[ids == e]) for e in range(5)], b.parameters(), combiner)
     assert_close_to(grads_of(a), grads_of(b), rtol=1e-5)
 
@@ -158,7 +164,7 @@ def test_every_example_its_own_environment_equals_numpy_core() -> None:
     x, y = data(7, 16, n=1)
     model = mlp(7)
     expected, _ = oracle(model, x, y, combiner)
-    gt.vmap_backward(model, F.cross_entropy, x, y, combiner, chunk_size=5)
+    gt.model_backward(model, F.cross_entropy, x, y, combiner, chunk_size=5, method="vectorized")
     assert_close_to(grads_of(model), expected)
 
 
@@ -168,7 +174,7 @@ def test_per_example_statistics_match_the_core_outer_product_statistics() -> Non
     layer = torch.nn.Linear(4, 3, bias=False)
     x, t = torch.randn(10, 1, 4), torch.randn(10, 1, 3)
     combiner = gradand.AndMask(threshold=0.7, rescale=False)
-    gt.vmap_backward(layer, F.mse_loss, x, t, combiner)
+    gt.model_backward(layer, F.mse_loss, x, t, combiner, method="vectorized")
     deltas = (2.0 / 3.0) * (layer(x[:, 0]) - t[:, 0]).detach()  # d mse / d output, per example
     stats = gradand.outer_statistics(x[:, 0].numpy(), deltas.numpy(), combiner)
     np.testing.assert_allclose(
@@ -184,7 +190,7 @@ def test_backward_accumulates_into_existing_grad_like_loss_backward() -> None:
     for _ in range(2):
         gt.backward([F.cross_entropy(model(x[e]), y[e]) for e in range(3)], model.parameters(), combiner)
     assert_close_to(grads_of(model), [2 * e for e in expected])
-    gt.vmap_backward(model, F.cross_entropy, x, y, combiner)
+    gt.model_backward(model, F.cross_entropy, x, y, combiner, method="vectorized")
     assert_close_to(grads_of(model), [3 * e for e in expected])
 
 
@@ -231,7 +237,7 @@ def test_frozen_parameters_are_left_alone_by_vmap_backward() -> None:
     model = mlp(12)
     model[0].weight.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    _, infos = gt.vmap_backward(model, F.cross_entropy, x, y, combiner)
+    _, _, infos, *_ = gt.model_backward(model, F.cross_entropy, x, y, combiner, method="vectorized")
     assert len(infos) == len(trainable) == 3
     assert model[0].weight.grad is None
     ref = mlp(12)
@@ -257,7 +263,7 @@ def test_batchnorm_in_eval_mode_reads_its_buffers_under_vmap() -> None:
     combiner = gradand.AndMask(threshold=0.5)
     expected, _ = oracle(model, x, y, combiner)
     running = model[1].running_mean.clone()
-    gt.vmap_backward(model, F.cross_entropy, x, y, combiner)
+    gt.model_backward(model, F.cross_entropy, x, y, combiner, method="vectorized")
     assert_close_to(grads_of(model), expected)
     assert torch.equal(model[1].running_mean, running)
 
@@ -266,7 +272,7 @@ def test_batchnorm_in_train_mode_is_refused_with_a_clear_error() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     x, y = data(0, 4)
     with pytest.raises(ValueError, match=r"BatchNorm1d '1' in train mode.*eval\(\)"):
-        gt.vmap_backward(model, F.cross_entropy, x, y, gradand.AndMask())
+        gt.model_backward(model, F.cross_entropy, x, y, gradand.AndMask(), method="vectorized")
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -276,7 +282,7 @@ def test_float64_models_keep_float64_gradients() -> None:
     a, b = mlp(14, dtype=torch.float64), mlp(14, dtype=torch.float64)
     expected, _ = oracle(a, x, y, combiner)
     gt.backward([F.cross_entropy(a(x[e]), y[e]) for e in range(3)], a.parameters(), combiner)
-    gt.vmap_backward(b, F.cross_entropy, x, y, combiner)
+    gt.model_backward(b, F.cross_entropy, x, y, combiner, method="vectorized")
     for m in (a, b):
         assert all(p.grad.dtype == torch.float64 for p in m.parameters())
         assert_close_to(grads_of(m), expected, rtol=1e-10, atol=1e-12)

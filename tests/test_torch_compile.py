@@ -60,7 +60,7 @@ def test_compiled_vmap_backward_writes_the_eager_gradients() -> None:
     """The default nan_policy="raise" reads values on the host: graph breaks, same result."""
     model, x, y = problem(1)
     combiner = gradand.SandMask(threshold=0.2, k=10.0)
-    loss, _ = gt.vmap_backward(model, F.cross_entropy, x, y, combiner, chunk_size=4)
+    loss, *_ = gt.model_backward(model, F.cross_entropy, x, y, combiner, chunk_size=4, method="vectorized")
     eager = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     with warnings.catch_warnings():

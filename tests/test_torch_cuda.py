@@ -40,9 +40,11 @@ def test_cuda_gradients_equal_cpu_gradients(combiner, strategy) -> None:
         if strategy == "streaming":
             infos = gt.backward(
                 [F.cross_entropy(model(x[e]), y[e]) for e in range(8)], model.parameters(), combiner
-            )
+            ).infos
         else:
-            _, infos = gt.vmap_backward(model, F.cross_entropy, x, y, combiner, chunk_size=3)
+            _, _, infos, *_ = gt.model_backward(
+                model, F.cross_entropy, x, y, combiner, chunk_size=3, method="vectorized"
+            )
         assert all(p.grad.device.type == device for p in model.parameters())
         assert all(i.survivor_fraction.device.type == device for i in infos)
         results.append([p.grad.cpu() for p in model.parameters()])
@@ -71,7 +73,7 @@ def test_cuda_float16_autocast_with_grad_scaler_steps_and_keeps_the_scale() -> N
     before = [p.detach().clone() for p in model.parameters()]
     with torch.autocast("cuda", dtype=torch.float16):
         losses = torch.stack([F.cross_entropy(model(x[e]), y[e]) for e in range(8)])
-    gt.backward(scaler.scale(losses), model.parameters(), COMBINERS[2], grad_scaler=scaler)
+    gt.backward(scaler.scale(losses), model.parameters(), COMBINERS[2], loss_scale=scaler)
     scaler.step(opt)
     scaler.update()
     assert scaler.get_scale() == 2.0**12

@@ -85,7 +85,7 @@ def worker(rank: int, port: int, outdir: str) -> None:
     gt.backward(losses, model.parameters(), combiner, all_reduce=True)
     result["streaming"] = [p.grad.clone() for p in model.parameters()]
     model = make_model()
-    gt.vmap_backward(model, loss_fn, xs[mine], ys[mine], combiner, all_reduce=True)
+    gt.model_backward(model, loss_fn, xs[mine], ys[mine], combiner, all_reduce=True, method="vectorized")
     result["vmap"] = [p.grad.clone() for p in model.parameters()]
     # 3. A rank that passes a gradient of another shape: a clear error on every rank, no hang.
     shape = (3, 4) if rank == 0 else (3, 5)

@@ -103,7 +103,7 @@ def test_a_combiner_is_required(model, batch) -> None:
     with pytest.raises(TypeError, match="combiner must be a gradand combiner"):
         gt.backward(env_losses(model, x, y), model.parameters(), "and")
     with pytest.raises(TypeError, match="combiner must be a gradand combiner"):
-        gt.vmap_backward(model, F.cross_entropy, x, y, None)
+        gt.model_backward(model, F.cross_entropy, x, y, None, method="vectorized")
 
 
 def test_unknown_nan_policy_is_refused(model, batch) -> None:
@@ -140,18 +140,20 @@ def test_nan_policy_zero_drops_the_non_finite_components(model, batch) -> None:
 def test_mismatched_environment_counts_are_refused(model, batch) -> None:
     x, y = batch
     with pytest.raises(ValueError, match=r"inputs has 3 environments.*targets has 2"):
-        gt.vmap_backward(model, F.cross_entropy, x, y[:2], AND)
+        gt.model_backward(model, F.cross_entropy, x, y[:2], AND, method="vectorized")
 
 
 def test_inputs_without_an_environment_axis_are_refused(model) -> None:
     with pytest.raises(ValueError, match=r"\(E, n, \.\.\.\).*shape \(3,\)"):
-        gt.vmap_backward(torch.nn.Linear(3, 1), F.mse_loss, torch.ones(3), torch.ones(3), AND)
+        gt.model_backward(
+            torch.nn.Linear(3, 1), F.mse_loss, torch.ones(3), torch.ones(3), AND, method="vectorized"
+        )
 
 
 def test_zero_environments_are_refused(model, batch) -> None:
     x, y = batch
     with pytest.raises(ValueError, match="0 environments"):
-        gt.vmap_backward(model, F.cross_entropy, x[:0], y[:0], AND)
+        gt.model_backward(model, F.cross_entropy, x[:0], y[:0], AND, method="vectorized")
 
 
 def test_loss_fn_returning_a_vector_is_refused(model, batch) -> None:
@@ -161,27 +163,27 @@ def test_loss_fn_returning_a_vector_is_refused(model, batch) -> None:
         return F.cross_entropy(out, t, reduction="none")
 
     with pytest.raises(ValueError, match=r"loss_fn must return one environment's loss as a scalar.*\(5,\)"):
-        gt.vmap_backward(model, per_example, x, y, AND)
+        gt.model_backward(model, per_example, x, y, AND, method="vectorized")
 
 
 @pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
 def test_bad_chunk_size_is_refused(model, batch, chunk_size) -> None:
     x, y = batch
     with pytest.raises(ValueError, match="chunk_size"):
-        gt.vmap_backward(model, F.cross_entropy, x, y, AND, chunk_size=chunk_size)
+        gt.model_backward(model, F.cross_entropy, x, y, AND, chunk_size=chunk_size, method="vectorized")
 
 
 def test_model_must_be_a_module(batch) -> None:
     x, y = batch
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
-        gt.vmap_backward(lambda t: t, F.cross_entropy, x, y, AND)
+        gt.model_backward(lambda t: t, F.cross_entropy, x, y, AND, method="vectorized")
 
 
 def test_model_without_trainable_parameters_is_refused(model, batch) -> None:
     x, y = batch
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter that requires grad"):
-        gt.vmap_backward(model, F.cross_entropy, x, y, AND)
+        gt.model_backward(model, F.cross_entropy, x, y, AND, method="vectorized")
 
 
 @pytest.mark.parametrize(
@@ -197,13 +199,22 @@ def test_model_without_trainable_parameters_is_refused(model, batch) -> None:
 def test_bad_env_ids_are_refused(model, ids, match) -> None:
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
     with pytest.raises(ValueError, match=match):
-        gt.vmap_backward(model, F.cross_entropy, x, y, AND, env_ids=ids)
+        gt.model_backward(model, F.cross_entropy, x, y, AND, env_ids=ids, method="vectorized")
 
 
 def test_env_ids_beyond_num_envs_are_refused(model) -> None:
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
     with pytest.raises(ValueError, match=r"num_envs=2"):
-        gt.vmap_backward(model, F.cross_entropy, x, y, AND, env_ids=torch.tensor([0, 1, 2, 0]), num_envs=2)
+        gt.model_backward(
+            model,
+            F.cross_entropy,
+            x,
+            y,
+            AND,
+            env_ids=torch.tensor([0, 1, 2, 0]),
+            num_envs=2,
+            method="vectorized",
+        )
 
 
 def test_nan_in_vmap_gradients_names_the_parameter(model, batch) -> None:
@@ -211,4 +222,4 @@ def test_nan_in_vmap_gradients_names_the_parameter(model, batch) -> None:
     x = x.clone()
     x[1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"parameter '0.weight' \(shape \(4, 3\)\).*NaN"):
-        gt.vmap_backward(model, F.cross_entropy, x, y, AND)
+        gt.model_backward(model, F.cross_entropy, x, y, AND, method="vectorized")

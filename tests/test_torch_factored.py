@@ -87,8 +87,8 @@ def test_factored_equals_each_environments_own_backward_and_vmap(combiner, shape
     x, y = data(*shape)
     want = oracle(model, F.cross_entropy, x, y, combiner)
     a, b = clone(model), clone(model)
-    loss, infos = gt.factored_backward(a, F.cross_entropy, x, y, combiner)
-    vloss, vinfos = gt.vmap_backward(b, F.cross_entropy, x, y, combiner)
+    loss, _, infos, *_ = gt.model_backward(a, F.cross_entropy, x, y, combiner, method="factored")
+    vloss, _, vinfos, *_ = gt.model_backward(b, F.cross_entropy, x, y, combiner, method="vectorized")
     assert_close(grads_of(a), want)
     assert_close(grads_of(a), grads_of(b))
     assert float(loss) == pytest.approx(float(vloss), rel=1e-12)
@@ -103,7 +103,7 @@ def test_factored_equals_each_environments_own_backward_and_vmap(combiner, shape
 def test_factored_without_bias_matches_oracle(combiner, n):
     model = mlp(bias=False)
     x, y = data(6, n)
-    gt.factored_backward(model_ := clone(model), F.cross_entropy, x, y, combiner)
+    gt.model_backward(model_ := clone(model), F.cross_entropy, x, y, combiner, method="factored")
     assert_close(grads_of(model_), oracle(model, F.cross_entropy, x, y, combiner))
 
 
@@ -125,7 +125,7 @@ def test_linear_on_3d_inputs_sums_positions_like_the_oracle(n):
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(5, n, 7, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (5, n), generator=g)
     c = gradand.AndMask(threshold=0.6)
-    gt.factored_backward(m := clone(model), F.cross_entropy, x, y, c, fallback="error")
+    gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, fallback="error", method="factored")
     assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
 
 
@@ -150,7 +150,7 @@ def test_conv2d_im2col_matches_oracle(combiner, n):
     y = torch.randint(0, 3, (4, n), generator=g)
     model(x[0])  # materialise the lazy layer
     want = oracle(model, F.cross_entropy, x, y, combiner)
-    gt.factored_backward(m := clone(model), F.cross_entropy, x, y, combiner, fallback="error")
+    gt.model_backward(m := clone(model), F.cross_entropy, x, y, combiner, fallback="error", method="factored")
     assert_close(grads_of(m), want)
 
 
@@ -160,8 +160,8 @@ def test_grouped_conv_falls_back_and_still_matches_oracle():
     model(x[0])
     c = gradand.AndMask(threshold=0.6)
     with pytest.raises(ValueError, match=r"2\.weight"):
-        gt.factored_backward(clone(model), F.cross_entropy, x, y, c, fallback="error")
-    gt.factored_backward(m := clone(model), F.cross_entropy, x, y, c)
+        gt.model_backward(clone(model), F.cross_entropy, x, y, c, fallback="error", method="factored")
+    gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, method="factored")
     assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
 
 
@@ -192,7 +192,7 @@ def test_unsupported_and_uncalled_layers_fall_back_to_a_batched_backward(n):
     for c in (gradand.AndMask(threshold=0.6), gradand.GeometricMean(threshold=0.5)):
         for p in model.parameters():
             p.grad = None
-        gt.factored_backward(m := clone(model), F.cross_entropy, x, y, c)
+        gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, method="factored")
         assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
 
 
@@ -201,7 +201,9 @@ def test_fallback_error_lists_the_parameters_outside_supported_layers():
     model = Mixed().double()
     x, y = torch.randint(0, 10, (3, 2, 3)), torch.randint(0, 2, (3, 2))
     with pytest.raises(ValueError, match=r"emb\.weight") as err:
-        gt.factored_backward(model, F.cross_entropy, x, y, gradand.AndMask(), fallback="error")
+        gt.model_backward(
+            model, F.cross_entropy, x, y, gradand.AndMask(), fallback="error", method="factored"
+        )
     msg = str(err.value)
     assert "norm.weight" in msg and "direct.weight" in msg and "shared.weight" not in msg
     assert all(p.grad is None for p in model.parameters())
@@ -212,10 +214,10 @@ def test_batch_norm_in_train_mode_raises_and_eval_mode_matches_oracle():
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
     x, y = data(4, 5)
     with pytest.raises(ValueError, match="BatchNorm1d"):
-        gt.factored_backward(model, F.cross_entropy, x, y, gradand.AndMask())
+        gt.model_backward(model, F.cross_entropy, x, y, gradand.AndMask(), method="factored")
     model.eval()
     c = gradand.AndMask(threshold=0.7)
-    gt.factored_backward(m := clone(model), F.cross_entropy, x, y, c)
+    gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, method="factored")
     assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
 
 
@@ -227,7 +229,7 @@ def test_update_is_added_to_existing_grad_like_backward():
     m = clone(model)
     for p in m.parameters():
         p.grad = torch.ones_like(p)
-    gt.factored_backward(m, F.cross_entropy, x, y, c)
+    gt.model_backward(m, F.cross_entropy, x, y, c, method="factored")
     assert_close(grads_of(m), [w + 1.0 for w in want])
 
 
@@ -236,8 +238,8 @@ def test_chunk_size_gives_the_same_update():
     x, y = data(7, 1)
     for c in (gradand.AndMask(threshold=0.6), gradand.GeometricMean()):
         a, b = clone(model), clone(model)
-        gt.factored_backward(a, F.cross_entropy, x, y, c)
-        gt.factored_backward(b, F.cross_entropy, x, y, c, chunk_size=3)
+        gt.model_backward(a, F.cross_entropy, x, y, c, method="factored")
+        gt.model_backward(b, F.cross_entropy, x, y, c, chunk_size=3, method="factored")
         assert_close(grads_of(b), grads_of(a))
 
 
@@ -245,7 +247,7 @@ def test_in_place_activation_after_linear_raises_instead_of_a_wrong_gradient():
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
     x, y = data(3, 2)
     with pytest.raises(ValueError, match="in place"):
-        gt.factored_backward(model, F.cross_entropy, x, y, gradand.AndMask())
+        gt.model_backward(model, F.cross_entropy, x, y, gradand.AndMask(), method="factored")
 
 
 def test_non_finite_gradient_raises_naming_the_parameter_and_zero_policy_matches_vmap():
@@ -253,10 +255,10 @@ def test_non_finite_gradient_raises_naming_the_parameter_and_zero_policy_matches
     x, y = data(4, 3)
     x[2, 1, 0] = float("nan")
     with pytest.raises(ValueError, match=r"parameter '0\.weight'.*NaN"):
-        gt.factored_backward(clone(model), F.cross_entropy, x, y, gradand.AndMask())
+        gt.model_backward(clone(model), F.cross_entropy, x, y, gradand.AndMask(), method="factored")
     a, b = clone(model), clone(model)
-    gt.factored_backward(a, F.cross_entropy, x, y, gradand.AndMask(0.5), nan_policy="zero")
-    gt.vmap_backward(b, F.cross_entropy, x, y, gradand.AndMask(0.5), nan_policy="zero")
+    gt.model_backward(a, F.cross_entropy, x, y, gradand.AndMask(0.5), nan_policy="zero", method="factored")
+    gt.model_backward(b, F.cross_entropy, x, y, gradand.AndMask(0.5), nan_policy="zero", method="vectorized")
     assert_close(grads_of(a), grads_of(b))
 
 
@@ -270,7 +272,7 @@ def test_loss_fn_without_a_batching_rule_is_called_per_environment():
     model = mlp()
     x, y = data(3, 2)
     c = gradand.AndMask(threshold=0.6)
-    gt.factored_backward(m := clone(model), loss_fn, x, y, c)
+    gt.model_backward(m := clone(model), loss_fn, x, y, c, method="factored")
     assert len(calls) == 3
     assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
 
@@ -296,8 +298,14 @@ def test_invalid_arguments_raise_with_the_offending_value(kwargs, match):
     args.update({k: v for k, v in kwargs.items() if k in args})
     rest = {k: v for k, v in kwargs.items() if k not in args}
     with pytest.raises(ValueError, match=match):
-        gt.factored_backward(
-            model, args["loss_fn"], args["inputs"], args["targets"], gradand.AndMask(), **rest
+        gt.model_backward(
+            model,
+            args["loss_fn"],
+            args["inputs"],
+            args["targets"],
+            gradand.AndMask(),
+            **rest,
+            method="factored",
         )
 
 
@@ -309,14 +317,16 @@ def test_grad_scaler_is_undone_before_combining(n):
     c = gradand.SandMask(threshold=0.4, k=2.0)  # not scale-equivariant: a missing unscale would show
     a, b = clone(model), clone(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    gt.factored_backward(a, F.cross_entropy, x, y, c, grad_scaler=scaler)
-    gt.factored_backward(b, F.cross_entropy, x, y, c)
+    gt.model_backward(a, F.cross_entropy, x, y, c, loss_scale=scaler, method="factored")
+    gt.model_backward(b, F.cross_entropy, x, y, c, method="factored")
     for p, q in zip(a.parameters(), b.parameters()):
         np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy() * 2.0**12, rtol=1e-9, atol=1e-12)
     x[1, 0, 0] = float("inf")
     for p in a.parameters():
         p.grad = None
-    gt.factored_backward(a, F.cross_entropy, x, y, c, grad_scaler=scaler)  # no raise: the scaler skips
+    gt.model_backward(
+        a, F.cross_entropy, x, y, c, loss_scale=scaler, method="factored"
+    )  # no raise: the scaler skips
     assert not torch.isfinite(a[0].weight.grad).all()
 
 
@@ -327,9 +337,9 @@ def test_on_cuda_equals_the_cpu_result(n):
     model = mlp()
     x, y = data(8, n)
     c = gradand.AndMask(threshold=0.6)
-    gt.factored_backward(cpu := clone(model), F.cross_entropy, x, y, c)
+    gt.model_backward(cpu := clone(model), F.cross_entropy, x, y, c, method="factored")
     gpu = clone(model).cuda()
-    loss, infos = gt.factored_backward(gpu, F.cross_entropy, x.cuda(), y.cuda(), c)
+    loss, _, infos, *_ = gt.model_backward(gpu, F.cross_entropy, x.cuda(), y.cuda(), c, method="factored")
     assert loss.device.type == "cuda" and infos[0].agreement.device.type == "cuda"
     for p, q in zip(cpu.parameters(), gpu.parameters()):
         np.testing.assert_allclose(q.grad.cpu().numpy(), p.grad.numpy(), rtol=1e-7, atol=1e-10)

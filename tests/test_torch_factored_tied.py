@@ -139,7 +139,7 @@ def streaming_oracle(model, loss_for, x, y, combiner) -> list[np.ndarray]:
 
 def factored(model, loss_for, x, y, combiner, **kw) -> list[np.ndarray]:
     m = copy.deepcopy(model)
-    gt.factored_backward(m, loss_for(m), x, y, combiner, **kw)
+    gt.model_backward(m, loss_for(m), x, y, combiner, **kw, method="factored")
     return [p.grad.detach().numpy() for p in m.parameters() if p.requires_grad]
 
 
@@ -191,7 +191,7 @@ def test_fallback_error_names_the_parameter_used_outside_its_layer(case):
     x, y = data()
     m = copy.deepcopy(model)
     with pytest.raises(ValueError, match=r"also used outside the layers' calls") as err:
-        gt.factored_backward(m, loss_for(m), x, y, gradand.AndMask(), fallback="error")
+        gt.model_backward(m, loss_for(m), x, y, gradand.AndMask(), fallback="error", method="factored")
     message = str(err.value)
     assert f"'{name} (" in message
     others = [n for n, _ in model.named_parameters() if n != name]
@@ -204,7 +204,9 @@ def test_a_module_called_twice_or_sharing_its_weight_stays_factored(case):
     cls, loss_for, _ = CASES[case]
     x, y = data()
     m = build(cls)
-    gt.factored_backward(m, loss_for(m), x, y, gradand.AndMask(0.6), fallback="error")  # nothing falls back
+    gt.model_backward(
+        m, loss_for(m), x, y, gradand.AndMask(0.6), fallback="error", method="factored"
+    )  # nothing falls back
     assert all(p.grad is not None for p in m.parameters())
 
 
@@ -218,7 +220,7 @@ def test_tied_input_and_output_embeddings_fall_back_and_match_streaming_backward
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match=r"emb\.weight \(7, 8\)"):
-        gt.factored_backward(copy.deepcopy(model), ce, x, y, gradand.Mean(), fallback="error")
+        gt.model_backward(copy.deepcopy(model), ce, x, y, gradand.Mean(), fallback="error", method="factored")
 
 
 def test_weight_norm_parameters_are_not_taken_for_the_layers_bias():
@@ -232,14 +234,14 @@ def test_weight_norm_parameters_are_not_taken_for_the_layers_bias():
 
     x, y = data()
     for c in (gradand.Mean(), gradand.AndMask(0.6)):
-        gt.factored_backward(m := make(), ce, x, y, c)
+        gt.model_backward(m := make(), ce, x, y, c, method="factored")
         o = make()
         params = list(o.parameters())
         gt.backward([ce(o(x[e]), y[e]) for e in range(x.shape[0])], params, c)
         for a, b in zip(m.parameters(), params):
             np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match=r"weight_g .*weight_v"):
-        gt.factored_backward(make(), ce, x, y, gradand.Mean(), fallback="error")
+        gt.model_backward(make(), ce, x, y, gradand.Mean(), fallback="error", method="factored")
 
 
 def conv_net():
@@ -285,7 +287,7 @@ def test_untied_models_are_never_reported_as_tied(name):
         model, autocast = build(CalledTwice).float(), True
         x = x.float()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        gt.factored_backward(model, ce, x, y, gradand.AndMask(0.6), fallback="error")
+        gt.model_backward(model, ce, x, y, gradand.AndMask(0.6), fallback="error", method="factored")
     assert all(p.grad is not None for p in model.parameters())
 
 
@@ -296,4 +298,4 @@ def test_a_tied_weight_under_autocast_is_still_detected():
         torch.autocast("cpu", dtype=torch.bfloat16),
         pytest.raises(ValueError, match=r"'l1\.weight \(8, 5\)'"),
     ):
-        gt.factored_backward(model, ce, x.float(), y, gradand.AndMask(), fallback="error")
+        gt.model_backward(model, ce, x.float(), y, gradand.AndMask(), fallback="error", method="factored")

@@ -1,7 +1,7 @@
 """The experiments' training loops in PyTorch, on :mod:`gradand.backends.torch`.
 
 Per-environment gradients are combined by the backend
-(:func:`gradand.backends.torch.factored_backward`, :func:`gradand.backends.torch.backward`);
+(:func:`gradand.backends.torch.model_backward`, :func:`gradand.backends.torch.backward`);
 nothing here computes a mask. Plain averaging (``Mean``) needs no
 per-environment gradient: the gradient of the mean loss over equally sized
 environments *is* the mean of their gradients, so the averaging baselines
@@ -160,11 +160,6 @@ def _accuracy(model: Any, x: Any, y: Any, batch: int = 4096) -> float:
     return correct / max(int(x.shape[0]), 1)
 
 
-def _weighted_survivors(infos: Sequence[Any], sizes: Sequence[int]) -> float:
-    total = sum(sizes)
-    return sum(float(i.survivor_fraction) * n for i, n in zip(infos, sizes)) / total
-
-
 def train_classifier(
     model: Any,
     *,
@@ -207,7 +202,7 @@ def train_classifier(
         eval_sets: name → (inputs (N, ...), labels (N,)) evaluated every
             ``eval_every`` epochs and at the end.
         combiner: ``Mean()`` trains on ``loss.backward()`` of the mean loss;
-            anything else goes through :func:`gradand.backends.torch.factored_backward`
+            anything else goes through :func:`gradand.backends.torch.model_backward`
             (one forward and one backward; per-environment gradients per layer).
         loss: ``"bce"`` (one logit) or ``"ce"`` (class logits).
         epochs, batch_size, lr, weight_decay, l1, lr_milestone, lr_decay: as above.
@@ -266,7 +261,6 @@ def train_classifier(
         for name, (ex, ey) in eval_sets.items()
     }
     params = [p for p in model.parameters() if p.requires_grad]
-    sizes = [p.numel() for p in params]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     milestones = [] if lr_milestone is None else [max(1, int(lr_milestone * epochs))]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=lr_decay)
@@ -302,8 +296,8 @@ def train_classifier(
                 out = model(xb.reshape(-1, *xb.shape[2:]))
                 loss_fn(out, yb.reshape(-1, *yb.shape[2:])).backward()
             else:
-                _, infos = gt.factored_backward(model, loss_fn, xb, yb, combiner)
-                survivors.append(_weighted_survivors(infos, sizes))
+                result = gt.model_backward(model, loss_fn, xb, yb, combiner, method="factored")
+                survivors.append(float(result.summary.survivor_fraction))
             if l1 > 0:
                 with torch.no_grad():
                     for p in params:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -108,15 +109,64 @@ def as_loss_list(losses: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Te
     return [loss.reshape(()) for loss in out]
 
 
-def grad_scale(grad_scaler: Any) -> float | None:
-    """The scale of a ``torch.amp.GradScaler`` (``None`` when absent or disabled)."""
+def loss_scale_of(loss_scale: Any, name: str = "loss_scale") -> float | None:
+    """The scale the losses carry: a number, or a ``torch.amp.GradScaler``'s (``None``: unscaled)."""
+    if loss_scale is None:
+        return None
+    if isinstance(loss_scale, bool):
+        raise TypeError(f"{name} must be a number or a torch.amp.GradScaler; got {loss_scale!r}")
+    if isinstance(loss_scale, (int, float)):
+        value = float(loss_scale)
+        if not (value > 0 and value != float("inf")):
+            raise ValueError(f"{name} must be a finite number > 0; got {loss_scale!r}")
+        return value
+    if not hasattr(loss_scale, "get_scale") or not hasattr(loss_scale, "is_enabled"):
+        raise TypeError(f"{name} must be a number or a torch.amp.GradScaler; got {type(loss_scale).__name__}")
+    if not loss_scale.is_enabled():
+        return None
+    return float(loss_scale.get_scale())
+
+
+def deprecated(old: str, new: str, stacklevel: int = 3) -> None:
+    """``DeprecationWarning`` for an old name, pointing at the user's line (``stacklevel`` frames up)."""
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=stacklevel)
+
+
+def pick_loss_scale(loss_scale: Any, grad_scaler: Any, stacklevel: int = 4) -> Any:
+    """``loss_scale=``, or the deprecated ``grad_scaler=`` (with a warning)."""
     if grad_scaler is None:
-        return None
-    if not hasattr(grad_scaler, "get_scale") or not hasattr(grad_scaler, "is_enabled"):
-        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler; got {type(grad_scaler).__name__}")
-    if not grad_scaler.is_enabled():
-        return None
-    return float(grad_scaler.get_scale())
+        return loss_scale
+    deprecated("grad_scaler=", "loss_scale= (a number or a torch.amp.GradScaler)", stacklevel)
+    if loss_scale is not None:
+        raise TypeError("pass loss_scale= only (grad_scaler= is its deprecated name)")
+    return grad_scaler
+
+
+def check_chunk_size(chunk_size: Any) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
+
+
+def check_model(model: Any, loss_fn: Any, inputs: Any, targets: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be callable (outputs, targets) -> scalar; got {type(loss_fn).__name__}"
+        )
+    for name, t in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+
+
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(name, parameter)`` of the model's parameters that require grad, in ``parameters()`` order."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameter that requires grad")
+    return named
 
 
 def unscale(g: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -145,29 +195,6 @@ def accumulate_grad(param: torch.Tensor, update: torch.Tensor) -> None:
 
 def detach_info(info: gradand.MaskInfo) -> gradand.MaskInfo:
     return gradand.MaskInfo(info.survivor_fraction.detach(), info.agreement.detach())
-
-
-def finalize_into_grads(
-    params: Sequence[torch.Tensor],
-    stats: Sequence[gradand.Statistics],
-    combiner: gradand.Combiner,
-    scale: float | None,
-    write: Sequence[bool] | None = None,
-) -> list[gradand.MaskInfo]:
-    """The core's :func:`gradand.finalize_many` of every parameter's statistics, added into ``.grad``.
-
-    With a loss ``scale`` (GradScaler) the update is rescaled and poisoned with
-    NaN where a statistic is not finite (so the scaler skips the step);
-    ``write[i] = False`` computes parameter ``i``'s info without touching its
-    ``.grad``. Returns one detached :class:`gradand.MaskInfo` per parameter.
-    """
-    updates, infos = gradand.finalize_many(stats, combiner, return_info=True, xp=XP)
-    for i, (p, s, update) in enumerate(zip(params, stats, updates)):
-        if scale is not None:
-            update = poison_if_nonfinite(update * scale, s)
-        if write is None or write[i]:
-            accumulate_grad(p, update)
-    return [detach_info(info) for info in infos]
 
 
 def with_context(err: Exception, context: str) -> Exception:

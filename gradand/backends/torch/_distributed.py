@@ -194,7 +194,7 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     ``ddp.register_comm_hook(CommHookState(combiner), comm_hook)``.
 
     For several environments per rank, reduce them locally first:
-    call :func:`backward` or :func:`vmap_backward` with ``all_reduce=True``
+    call :func:`backward` or :func:`model_backward` with ``all_reduce=True``
     (on the plain module, or inside ``ddp.no_sync()``).
 
     Example:

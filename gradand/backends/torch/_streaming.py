@@ -1,8 +1,8 @@
-"""The streaming strategy: one autograd pass per environment, folded into running statistics."""
+"""The streaming source: one autograd pass per environment, folded into running statistics."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -14,103 +14,96 @@ from gradand.backends.torch._common import (
     as_param_list,
     check_combiner,
     check_policy,
-    finalize_into_grads,
-    grad_scale,
+    loss_scale_of,
     unscale,
     with_context,
 )
 
-__all__ = ["backward"]
+__all__ = ["streaming_statistics"]
 
 
-def backward(
-    losses: Sequence[torch.Tensor] | torch.Tensor,
+def _checked(loss: Any, e: int) -> torch.Tensor:
+    """One loss of a lazy iterable, validated as :func:`as_loss_list` does."""
+    try:
+        (out,) = as_loss_list([loss])
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("losses[0]", f"losses[{e}]")) from None
+    return out
+
+
+def streaming_statistics(
+    losses: Sequence[torch.Tensor] | torch.Tensor | Iterable[torch.Tensor],
     params: Iterable[torch.Tensor],
     combiner: gradand.Combiner,
     *,
     nan_policy: str = "raise",
+    loss_scale: Any = None,
     retain_graph: bool | None = None,
-    grad_scaler: Any = None,
-    all_reduce: bool = False,
-    group: Any = None,
-) -> list[gradand.MaskInfo]:
-    """Like ``loss.backward()``, but combining the environments' gradients with ``combiner``.
+    zero_unused: bool = False,
+) -> tuple[torch.Tensor, list[gradand.Statistics | None]]:
+    """Source: the statistics of each parameter's per-environment gradients, one environment at a time.
 
     For each environment ``e``, ``torch.autograd.grad(losses[e], params)``
     gives its gradient, which is folded into the core's running
     :class:`gradand.Statistics` at once and freed: the extra memory is a few
     float32 copies of the parameters, whatever the number of environments.
-    Then ``gradand.finalize`` per parameter tensor, and the update is
-    *added* to ``.grad`` (set when ``.grad`` is ``None``), so gradient
-    accumulation, ``optimizer.zero_grad()`` and ``optimizer.step()`` work as
-    with ``loss.backward()``.
 
-    The losses may come from separate forward passes, one per environment
-    (recommended: each backward walks only that environment's part), or
-    share one graph (one forward pass over a batch holding every
-    environment): the graph is then kept until the last environment and
-    each of the E backward passes walks the whole batch, about E times the
-    cost of one ``loss.backward()``.
+    ``losses`` may be a sequence (or 1-D tensor) of losses sharing one graph
+    (kept until the last environment; each backward walks the whole batch) or
+    from one forward pass per environment, or a lazy iterable (a generator)
+    that runs each environment's forward pass when asked: then only one
+    environment's graph exists at a time.
 
     An environment whose loss does not depend on a parameter gives it a zero
-    gradient: no sign vote, but it counts in the number of environments. A
-    parameter that no environment's loss depends on keeps its ``.grad``
-    unchanged (``None`` stays ``None``, like ``loss.backward()``), unless
-    ``all_reduce`` (other ranks may use it).
+    gradient (no sign vote, but it counts). A parameter that no environment's
+    loss depends on gets ``None`` (its ``.grad`` is then left alone by
+    :func:`finalize_gradients`), or zero statistics with ``zero_unused=True``
+    (needed before :func:`all_reduce_statistics`: other ranks may use it).
 
     Args:
-        losses: one scalar loss per environment: a sequence of 0-d tensors,
-            or a 1-D tensor.
-        params: the tensors to differentiate (e.g. ``model.parameters()``),
-            all requiring grad.
-        combiner: ``gradand.Mean()``, ``gradand.AndMask(...)``, ...
+        losses: one scalar loss per environment.
+        params: the tensors to differentiate, all requiring grad.
+        combiner: the combiner whose statistics to compute.
         nan_policy: ``"raise"`` (a NaN/Inf gradient raises ``ValueError``
-            naming the environment and parameter; costs a host sync per
-            environment and tensor), ``"zero"`` or ``"propagate"``.
-        retain_graph: keep the graph after the last environment (the graph is
-            always kept for the ones before).
-        grad_scaler: a ``torch.amp.GradScaler`` whose ``scale(...)`` was
-            applied to ``losses``. Each environment's gradient is unscaled in
-            float32 *before* combining (``SandMask`` and ``GeometricMean``
-            are not scale-equivariant), and the update written to ``.grad``
-            is multiplied by the scale again, so ``scaler.step(optimizer)``
-            and ``scaler.update()`` work unchanged. Non-finite gradients
-            then make ``.grad`` NaN instead of raising, so that the scaler
-            skips the step and lowers the scale.
-        all_reduce: sum the statistics over the ranks of ``group`` before
-            finalizing (:func:`all_reduce_statistics`): each rank passes its
-            own environments' losses, every rank gets the update of all of
-            them. Use it without DDP's gradient averaging (the plain module,
-            or inside ``ddp.no_sync()``).
-        group: the process group for ``all_reduce``.
+            naming the environment and parameter), ``"zero"`` or ``"propagate"``.
+        loss_scale: the scale the losses carry (a number or a
+            ``torch.amp.GradScaler``): each gradient is unscaled in float32
+            before its statistics; non-finite gradients then propagate
+            instead of raising, so that the scaler can skip the step.
+        retain_graph: keep the graph after the last environment (and after
+            each environment of a lazy iterable).
+        zero_unused: zero statistics instead of ``None`` for unused parameters.
 
     Returns:
-        One :class:`gradand.MaskInfo` per parameter tensor, in order (0-d
-        tensors: the survivor fraction and the mean agreement).
+        ``(losses, stats)``: the detached losses ``(E,)`` as given and one
+        statistic per parameter, in ``params`` order.
 
     Example:
         >>> import torch, gradand
         >>> from gradand.backends import torch as gt
         >>> w = torch.tensor([1.0, 1.0], requires_grad=True)
         >>> x = torch.tensor([[1.0, 2.0], [3.0, -2.0]])  # environment e's loss: x[e] @ w
-        >>> infos = gt.backward([x[0] @ w, x[1] @ w], [w], gradand.AndMask(threshold=1.0, rescale=False))
-        >>> w.grad  # the environments agree on the first component only
-        tensor([2., 0.])
-        >>> float(infos[0].survivor_fraction)
-        0.5
+        >>> losses, stats = gt.streaming_statistics([x[0] @ w, x[1] @ w], [w], gradand.AndMask())
+        >>> losses, stats[0].count, stats[0].sign_sum
+        (tensor([3., 1.]), 2, tensor([2, 0], dtype=torch.int32))
     """
     check_combiner(combiner)
     check_policy(nan_policy)
-    loss_list = as_loss_list(losses)
+    lazy = not isinstance(losses, (torch.Tensor, Sequence))
+    items: Iterator[Any] = iter(losses) if lazy else iter(as_loss_list(losses))  # type: ignore[arg-type]
+    n_known = None if lazy else len(losses)  # type: ignore[arg-type]
     param_list = as_param_list(params)
-    scale = grad_scale(grad_scaler)
+    scale = loss_scale_of(loss_scale)
     policy = "propagate" if scale is not None and nan_policy == "raise" else nan_policy
     stats = [gradand.Statistics() for _ in param_list]
     used = [False] * len(param_list)
-    last = len(loss_list) - 1
-    for e, loss in enumerate(loss_list):
-        keep = True if e < last else bool(retain_graph)
+    values = []
+    for e, loss in enumerate(items):
+        if lazy:
+            loss = _checked(loss, e)
+        keep = bool(retain_graph) if lazy or e == n_known - 1 else True  # type: ignore[operator]
         grads = torch.autograd.grad(loss, param_list, retain_graph=keep, allow_unused=True)
+        values.append(loss.detach())
         for i, (p, g) in enumerate(zip(param_list, grads)):
             if g is None:
                 g = torch.zeros_like(p)
@@ -122,8 +115,7 @@ def backward(
                 raise with_context(err, f"environment {e}, params[{i}] (shape {tuple(p.shape)})") from None
             stats[i] = stats[i] + s
         grads = g = s = None  # free this environment's gradients before the next backward
-    if all_reduce:
-        from gradand.backends.torch._distributed import all_reduce_statistics
-
-        stats = all_reduce_statistics(stats, group=group)
-    return finalize_into_grads(param_list, stats, combiner, scale, [u or all_reduce for u in used])
+    if not values:
+        raise ValueError("losses is empty: need at least one environment's loss")
+    out = [s if u or zero_unused else None for s, u in zip(stats, used)]
+    return torch.stack(values), out

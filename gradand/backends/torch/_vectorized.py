@@ -1,4 +1,4 @@
-"""The vectorised strategy: per-environment gradients in one ``torch.func.vmap`` pass."""
+"""The vectorised source: per-environment gradients in one ``torch.func.vmap`` pass."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ from torch.func import functional_call, grad_and_value, vmap
 import gradand
 from gradand.backends.torch._common import (
     XP,
+    check_chunk_size,
     check_combiner,
+    check_model,
     check_policy,
-    finalize_into_grads,
-    grad_scale,
+    loss_scale_of,
+    trainable,
     unscale,
     with_context,
 )
 
-__all__ = ["environment_groups", "vmap_backward"]
+__all__ = ["environment_groups", "vectorized_statistics"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -91,14 +93,61 @@ def environment_groups(
             f"environment(s) {empty[:10]}{'...' if len(empty) > 10 else ''} of num_envs={num_envs} have "
             f"no example; every environment needs at least one (or pass a smaller num_envs)"
         )
+    return [idx for _, idx in _groups(ids, counts)]
+
+
+def _groups(ids: torch.Tensor, counts: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(envs, idx)`` per environment size: the environments of that size and their examples' indices."""
     order = torch.argsort(ids, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     groups = []
     for n in torch.unique(counts).tolist():
         envs = torch.nonzero(counts == n).flatten()
         idx = starts[envs][:, None] + torch.arange(n, device=ids.device)
-        groups.append(order[idx])
+        groups.append((envs, order[idx]))
     return groups
+
+
+def environment_batches(
+    inputs: torch.Tensor, targets: torch.Tensor, env_ids: torch.Tensor | None, num_envs: int | None
+) -> tuple[int, list[tuple[torch.Tensor | None, torch.Tensor | None]]]:
+    """``(E, [(envs, idx), ...])``: the environments per size (``[(None, None)]`` for ``(E, n, ...)``)."""
+    if env_ids is None:
+        if num_envs is not None:
+            raise ValueError("num_envs is only used with env_ids (else inputs is (E, n, ...))")
+        if inputs.ndim < 2:
+            raise ValueError(
+                f"inputs must have shape (E, n, ...): environments, then examples; got shape "
+                f"{tuple(inputs.shape)} (for one example per environment use inputs[:, None], "
+                f"or pass env_ids)"
+            )
+        if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+            raise ValueError(
+                f"inputs has shape {tuple(inputs.shape)} ({inputs.shape[0]} environments of "
+                f"{inputs.shape[1]} examples); need at least one environment and one example each"
+            )
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"targets must have shape (E, n, ...) like inputs: inputs has {inputs.shape[0]} "
+                f"environments (shape {tuple(inputs.shape)}) but targets has {targets.shape[0]} "
+                f"(shape {tuple(targets.shape)}); the leading axis is the environment"
+            )
+        if targets.ndim < 2 or targets.shape[:2] != inputs.shape[:2]:
+            raise ValueError(
+                f"targets must have shape (E, n, ...) with the same E and n as inputs (the leading "
+                f"axis is the environment); got inputs {tuple(inputs.shape)} and targets "
+                f"{tuple(targets.shape)}"
+            )
+        return inputs.shape[0], [(None, None)]
+    if inputs.shape[:1] != targets.shape[:1]:
+        raise ValueError(
+            f"with env_ids, inputs (shape {tuple(inputs.shape)}) and targets (shape "
+            f"{tuple(targets.shape)}) must hold the same number of examples on axis 0"
+        )
+    environment_groups(env_ids, num_envs, n_examples=inputs.shape[0])  # validates
+    ids = env_ids.to(inputs.device).long()
+    n_envs = int(ids.max()) + 1 if num_envs is None else num_envs
+    return n_envs, _groups(ids, torch.bincount(ids, minlength=n_envs))
 
 
 def _chunks(n: int, chunk_size: int | None) -> Iterator[slice]:
@@ -107,71 +156,59 @@ def _chunks(n: int, chunk_size: int | None) -> Iterator[slice]:
         yield slice(start, min(start + step, n))
 
 
-def vmap_backward(
+def vectorized_statistics(
     model: torch.nn.Module,
     loss_fn: LossFn,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     combiner: gradand.Combiner,
     *,
-    chunk_size: int | None = None,
     env_ids: torch.Tensor | None = None,
     num_envs: int | None = None,
+    chunk_size: int | None = None,
     randomness: str = "different",
     nan_policy: str = "raise",
-    grad_scaler: Any = None,
-    all_reduce: bool = False,
-    group: Any = None,
-) -> tuple[torch.Tensor, list[gradand.MaskInfo]]:
-    """Per-environment gradients in one vectorised pass, combined into ``.grad``.
+    loss_scale: Any = None,
+) -> tuple[torch.Tensor, list[gradand.Statistics]]:
+    """Source: per-environment gradients in one ``torch.func.vmap`` pass, reduced to statistics.
 
     ``torch.func.vmap`` over the environment axis of
     ``grad(loss_fn(functional_call(model, params, x_e), y_e))`` gives every
-    environment's gradient at once; their statistics are summed with the
-    core and ``gradand.finalize`` gives the update, which is *added* to the
-    ``.grad`` of the model's parameters that require grad (set when
-    ``None``). Same result as :func:`backward` with one loss per environment.
+    environment's gradient at once (in chunks of ``chunk_size``
+    environments, each folded into the statistics and freed).
 
     Buffers (e.g. BatchNorm running statistics in eval mode) are read,
     unbatched, by every environment. BatchNorm layers in *train* mode raise
     ``ValueError``: per-environment batch statistics are ill-defined for one
     example per environment and their running statistics cannot be updated
     in place under vmap; put them in eval mode, use GroupNorm/LayerNorm, or
-    use :func:`backward` with one forward pass per environment. Random
-    operations (dropout) draw independently per environment
-    (``randomness="different"``).
+    use ``model_backward(..., method="streaming")``. Random operations
+    (dropout) draw independently per environment (``randomness="different"``).
 
     Args:
         model: the module; its parameters that require grad are differentiated.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``, one environment's loss
-            (e.g. ``torch.nn.functional.cross_entropy``).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, one environment's loss.
         inputs: ``(E, n, ...)``: E environments of n examples (``(B, 1, ...)``
             makes every example its own environment); with ``env_ids``,
             ``(N, ...)``.
         targets: ``(E, n, ...)``; with ``env_ids``, ``(N, ...)``.
-        combiner: ``gradand.Mean()``, ``gradand.AndMask(...)``, ...
-        chunk_size: environments per vmap pass (``None``: all at once). Each
-            chunk's gradients are folded into the statistics and freed, so
-            memory is ``chunk_size`` gradients; the result is the same.
+        combiner: the combiner whose statistics to compute.
         env_ids: optional ``(N,)`` integer tensor, the environment of each
             example; environments may have different sizes (one vmap pass
             per distinct size).
         num_envs: the number of environments with ``env_ids`` (default
             ``max(env_ids) + 1``); every environment needs an example.
-        randomness: ``torch.func.vmap``'s ``randomness`` (``"different"``,
-            ``"same"`` or ``"error"``).
-        nan_policy: as in :func:`backward`.
-        grad_scaler: a ``torch.amp.GradScaler``: the loss is multiplied by its
-            scale inside the pass, gradients unscaled before combining, and
-            the update rescaled into ``.grad`` (see :func:`backward`).
-        all_reduce: sum the statistics over the ranks of ``group`` before
-            finalizing (each rank passes its own environments).
-        group: the process group for ``all_reduce``.
+        chunk_size: environments per vmap pass (``None``: all at once).
+        randomness: ``torch.func.vmap``'s ``randomness``.
+        nan_policy: ``"raise"``, ``"zero"`` or ``"propagate"``.
+        loss_scale: a number or a ``torch.amp.GradScaler``: the loss is
+            multiplied by the scale inside the pass and the gradients
+            unscaled in float32 before their statistics.
 
     Returns:
-        ``(loss, infos)``: the mean of the environments' losses (detached) and
-        one :class:`gradand.MaskInfo` per parameter that requires grad, in
-        ``model.parameters()`` order.
+        ``(losses, stats)``: the detached per-environment losses ``(E,)``
+        (unscaled) and one :class:`gradand.Statistics` per parameter that
+        requires grad, in ``model.parameters()`` order.
 
     Example:
         >>> import torch, gradand
@@ -179,34 +216,20 @@ def vmap_backward(
         >>> model = torch.nn.Linear(2, 1)
         >>> x, y = torch.randn(6, 1, 2), torch.randn(6, 1, 1)  # 6 examples, each its own environment
         >>> mse = torch.nn.functional.mse_loss
-        >>> loss, infos = gt.vmap_backward(model, mse, x, y, gradand.AndMask(threshold=0.5))
-        >>> model.weight.grad.shape, loss.shape
-        (torch.Size([1, 2]), torch.Size([]))
+        >>> losses, stats = gt.vectorized_statistics(model, mse, x, y, gradand.AndMask())
+        >>> losses.shape, stats[0].count, stats[0].shape
+        (torch.Size([6]), 6, (1, 2))
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(
-            f"loss_fn must be callable (outputs, targets) -> scalar; got {type(loss_fn).__name__}"
-        )
+    check_model(model, loss_fn, inputs, targets)
     check_combiner(combiner)
     check_policy(nan_policy)
-    for name, t in (("inputs", inputs), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     check_batch_norm(model)
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("model has no parameter that requires grad")
-    trainable = {n: p.detach() for n, p in named}
+    named = trainable(model)
+    params = {n: p.detach() for n, p in named}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())
-    scale = grad_scale(grad_scaler)
+    scale = loss_scale_of(loss_scale)
     policy = "propagate" if scale is not None and nan_policy == "raise" else nan_policy
 
     def env_loss(params: dict[str, torch.Tensor], x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,39 +245,15 @@ def vmap_backward(
         return scaled, loss.detach()
 
     per_env = vmap(grad_and_value(env_loss, has_aux=True), in_dims=(None, 0, 0), randomness=randomness)
-
-    if env_ids is None:
-        if inputs.ndim < 2:
-            raise ValueError(
-                f"inputs must have shape (E, n, ...): environments, then examples; got shape "
-                f"{tuple(inputs.shape)} (for one example per environment use inputs[:, None], "
-                f"or pass env_ids)"
-            )
-        if inputs.shape[0] != targets.shape[0]:
-            raise ValueError(
-                f"inputs has {inputs.shape[0]} environments (shape {tuple(inputs.shape)}) but targets has "
-                f"{targets.shape[0]} (shape {tuple(targets.shape)}); the leading axis is the environment"
-            )
-        if inputs.shape[0] == 0:
-            raise ValueError(f"inputs has 0 environments (shape {tuple(inputs.shape)}); need at least one")
-        batches = [(inputs, targets)]
-    else:
-        if inputs.shape[:1] != targets.shape[:1]:
-            raise ValueError(
-                f"with env_ids, inputs (shape {tuple(inputs.shape)}) and targets (shape "
-                f"{tuple(targets.shape)}) must hold the same number of examples on axis 0"
-            )
-        groups = environment_groups(env_ids.to(inputs.device), num_envs, n_examples=inputs.shape[0])
-        batches = [(inputs[idx], targets[idx.to(targets.device)]) for idx in groups]
-
-    stats = {n: gradand.Statistics() for n in trainable}
-    loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
-    n_env = 0
-    for xs, ys in batches:
+    n_envs, groups = environment_batches(inputs, targets, env_ids, num_envs)
+    stats = {n: gradand.Statistics() for n in params}
+    parts, order = [], []
+    for envs, idx in groups:
+        xs, ys = (inputs, targets) if idx is None else (inputs[idx], targets[idx.to(targets.device)])
         for sl in _chunks(xs.shape[0], chunk_size):
-            grads, (_, losses) = per_env(trainable, xs[sl], ys[sl])
-            loss_sum = loss_sum + losses.detach().to(torch.float64).sum()
-            n_env += losses.shape[0]
+            grads, (_, losses) = per_env(params, xs[sl], ys[sl])
+            parts.append(losses.detach())
+            order.append(torch.arange(n_envs, device=inputs.device)[sl] if envs is None else envs[sl])
             for n, g in grads.items():
                 try:
                     s = gradand.statistics(unscale(g, scale), combiner, axis=0, nan_policy=policy, xp=XP)
@@ -262,12 +261,7 @@ def vmap_backward(
                     raise with_context(err, f"parameter {n!r} (shape {tuple(g.shape[1:])})") from None
                 stats[n] = stats[n] + s
             grads = g = s = None  # free this chunk's gradients before the next pass
-    names = list(trainable)
-    reduced = [stats[n] for n in names]
-    if all_reduce:
-        from gradand.backends.torch._distributed import all_reduce_statistics
-
-        reduced = all_reduce_statistics(reduced, group=group)
-    infos = finalize_into_grads([p for _, p in named], reduced, combiner, scale)
-    mean_loss = (loss_sum / n_env).to(losses.dtype)
-    return mean_loss, infos
+    losses = torch.cat(parts)
+    if len(groups) > 1:  # back into environment order
+        losses = torch.empty_like(losses).index_copy_(0, torch.cat(order).to(losses.device), losses)
+    return losses, [stats[n] for n in params]
