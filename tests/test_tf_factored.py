@@ -57,14 +57,14 @@ def _data(n_env, n_ex, seed=0, d=3):
 
 
 def _reference(model, x, y, combiner, nan_policy="raise"):
-    stats = gtf.vectorized_statistics(
+    _, stats = gtf.vectorized_statistics(
         lambda a, b: BCE(b, model(a, training=True)),
         model.trainable_variables,
         (x, y),
         combiner,
         nan_policy=nan_policy,
     )
-    return gtf.finalize_gradients(stats, combiner).gradients
+    return gtf.finalize_gradients(stats, combiner)[0]
 
 
 def _assert_close(got, want, rtol=1e-5, atol=1e-6):
@@ -80,9 +80,9 @@ def _assert_close(got, want, rtol=1e-5, atol=1e-6):
 def test_equals_vectorized_statistics(combiner, n_ex):
     model = _mlp()
     x, y = _data(7, n_ex)
-    stats = gtf.factored_statistics(model, BCE, x, y, combiner)
+    _, stats = gtf.factored_statistics(model, BCE, x, y, combiner)
     assert all(s.count == 7 for s in stats)
-    got = gtf.finalize_gradients(stats, combiner).gradients
+    got = gtf.finalize_gradients(stats, combiner)[0]
     _assert_close(got, _reference(model, x, y, combiner))
 
 
@@ -98,8 +98,8 @@ def test_and_mask_equals_vectorized_for_drawn_sizes(n_env, n_ex, threshold, seed
     model = _mlp(seed % 3)
     x, y = _data(n_env, n_ex, seed)
     combiner = gradand.AndMask(threshold)
-    stats = gtf.factored_statistics(model, BCE, x, y, combiner, chunk_size=chunk)
-    ref = gtf.vectorized_statistics(
+    _, stats = gtf.factored_statistics(model, BCE, x, y, combiner, chunk_size=chunk)
+    _, ref = gtf.vectorized_statistics(
         lambda a, b: BCE(b, model(a, training=True)), model.trainable_variables, (x, y), combiner
     )
     for s, r in zip(stats, ref):
@@ -113,9 +113,9 @@ def test_fallback_variables_mixed_with_factored_ones(n_ex):
     model = _mixed()
     x, y = _data(5, n_ex)
     for combiner in (gradand.AndMask(0.6), gradand.GeometricMean(0.5)):
-        got = gtf.factored_gradients(model, BCE, x, y, combiner).gradients
+        got = gtf.model_gradient(model, BCE, x, y, combiner)[0]
         _assert_close(got, _reference(model, x, y, combiner))
-    with pytest.raises(ValueError, match=r"outside them.*gamma.*fallback='jacobian'"):
+    with pytest.raises(ValueError, match=r"outside them.*gamma.*fallback='vectorized'"):
         gtf.factored_statistics(model, BCE, x, y, gradand.AndMask(), fallback="error")
 
 
@@ -124,12 +124,12 @@ def test_tf_function_and_xla_equal_eager():
     combiner = gradand.AndMask(0.7)
     for n_ex in (3, 1):
         x, y = _data(6, n_ex)
-        eager = gtf.factored_gradients(model, BCE, x, y, combiner)
-        step = tf.function(lambda a, b: gtf.factored_gradients(model, BCE, a, b, combiner))
-        xla = tf.function(lambda a, b: gtf.factored_gradients(model, BCE, a, b, combiner), jit_compile=True)
+        eager = gtf.model_gradient(model, BCE, x, y, combiner)
+        step = tf.function(lambda a, b: gtf.model_gradient(model, BCE, a, b, combiner))
+        xla = tf.function(lambda a, b: gtf.model_gradient(model, BCE, a, b, combiner), jit_compile=True)
         for other in (step(x, y), xla(x, y)):
-            _assert_close(other.gradients, eager.gradients)
-            for i, j in zip(other.info, eager.info):
+            _assert_close(other[0], eager[0])
+            for i, j in zip(other[1].infos, eager[1].infos):
                 np.testing.assert_allclose(float(i.survivor_fraction), float(j.survivor_fraction), atol=1e-6)
     assert not any("call" in vars(layer) for layer in model.layers), "Dense.call was not restored"
 
@@ -142,14 +142,14 @@ def test_training_step_updates_like_combined_gradients():
 
     @tf.function
     def factored_step():
-        grads, _ = gtf.factored_gradients(models[0], BCE, x, y, combiner)
+        grads, _ = gtf.model_gradient(models[0], BCE, x, y, combiner)
         opts[0].apply_gradients(zip(grads, models[0].trainable_variables))
 
     @tf.function
     def loop_step():
         with tf.GradientTape(persistent=True) as tape:
             losses = [BCE(y[e], models[1](x[e], training=True)) for e in range(4)]
-        grads, _ = gtf.combined_gradients(tape, losses, models[1].trainable_variables, combiner)
+        grads, _ = gtf.gradient(tape, losses, models[1].trainable_variables, combiner)
         opts[1].apply_gradients(zip(grads, models[1].trainable_variables))
 
     for _ in range(3):
@@ -171,7 +171,7 @@ def test_shared_layer_and_rank3_inputs():
         x = tf.constant(rng.standard_normal((5, n_ex, 4, 3)).astype(np.float32))
         y = tf.constant((rng.random((5, n_ex, 1)) > 0.5).astype(np.float32))
         for combiner in (gradand.AndMask(0.6), gradand.SandMask(0.2, k=5.0)):
-            got = gtf.factored_gradients(model, BCE, x, y, combiner).gradients
+            got = gtf.model_gradient(model, BCE, x, y, combiner)[0]
             _assert_close(got, _reference(model, x, y, combiner))
 
 
@@ -180,12 +180,12 @@ def test_variables_subset_structure_and_losses():
     x, y = _data(4, 3)
     combiner = gradand.AndMask(0.5)
     variables = {"first": model.layers[0].kernel, "last": model.layers[2].bias}
-    grads, info = gtf.factored_gradients(model, BCE, x, y, combiner, variables=variables)
-    assert set(grads) == {"first", "last"} and set(info) == {"first", "last"}
-    full = gtf.finalize_gradients(gtf.factored_statistics(model, BCE, x, y, combiner), combiner).gradients
+    grads, result = gtf.model_gradient(model, BCE, x, y, combiner, variables=variables)
+    assert set(grads) == {"first", "last"} and len(result.infos) == 2
+    full = gtf.finalize_gradients(gtf.factored_statistics(model, BCE, x, y, combiner)[1], combiner)[0]
     np.testing.assert_allclose(grads["first"].numpy(), full[0].numpy(), rtol=1e-6)
     np.testing.assert_allclose(grads["last"].numpy(), full[-1].numpy(), rtol=1e-6)
-    _, losses = gtf.factored_statistics(model, BCE, x, y, combiner, return_losses=True)
+    losses, _ = gtf.factored_statistics(model, BCE, x, y, combiner)
     want = [float(BCE(y[e], model(x[e]))) for e in range(4)]
     np.testing.assert_allclose(losses.numpy(), want, rtol=1e-5)
 
@@ -198,7 +198,7 @@ def test_unconnected_variable_is_none():
     _ = unused(inp)  # built, but not on the path to the output
     model = keras.Model(inp, out)
     x, y = _data(3, 2)
-    stats = gtf.factored_statistics(
+    _, stats = gtf.factored_statistics(
         model,
         BCE,
         x,
@@ -218,12 +218,12 @@ def test_nan_policy_matches_vectorized(n_ex):
     combiner = gradand.AndMask(0.5)
     with pytest.raises(ValueError, match="NaN or Inf"):
         gtf.factored_statistics(model, BCE, x, y, combiner)
-    step = tf.function(lambda: [s.mean for s in gtf.factored_statistics(model, BCE, x, y, combiner)])
+    step = tf.function(lambda: [s.mean for s in gtf.factored_statistics(model, BCE, x, y, combiner)[1]])
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
         step()
     got = gtf.finalize_gradients(
-        gtf.factored_statistics(model, BCE, x, y, combiner, nan_policy="zero"), combiner
-    ).gradients
+        gtf.factored_statistics(model, BCE, x, y, combiner, nan_policy="zero")[1], combiner
+    )[0]
     _assert_close(got, _reference(model, x, y, combiner, nan_policy="zero"))
 
 
@@ -250,7 +250,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="at least one environment"):
         gtf.factored_statistics(model, BCE, x[:, :0], y[:, :0], c)
     with pytest.raises(ValueError, match=r"loss_fn must return one environment's loss as a scalar"):
-        gtf.factored_statistics(model, lambda t, o: t - o, x, y, c)
+        gtf.factored_statistics(model, lambda o, t: t - o, x, y, c)
     with pytest.raises(TypeError, match="combiner must be a gradand combiner"):
         gtf.factored_statistics(model, BCE, x, y, "and")
     with pytest.raises(TypeError, match="loss_fn must be callable"):
@@ -277,7 +277,7 @@ def test_batch_norm_in_training_mode_is_refused():
     x, y = _data(3, 4)
     with pytest.raises(ValueError, match=r"BatchNormalization layer 'bn'.*training=False"):
         gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
-    stats = gtf.factored_statistics(model, BCE, x, y, gradand.AndMask(), training=False)
+    _, stats = gtf.factored_statistics(model, BCE, x, y, gradand.AndMask(), training=False)
     assert len(stats) == len(model.trainable_variables)
     model.layers[1].trainable = False  # a frozen BatchNormalization runs in inference mode
     gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
@@ -297,8 +297,8 @@ def test_loss_scale_divides_the_gradients_back():
     model = _mlp()
     x, y = _data(4, 2)
     combiner = gradand.SandMask(0.4, k=10.0)
-    want = gtf.factored_statistics(model, BCE, x, y, combiner)
-    got = gtf.factored_statistics(model, lambda t, o: 4.0 * BCE(t, o), x, y, combiner, loss_scale=4.0)
+    want = gtf.factored_statistics(model, BCE, x, y, combiner)[1]
+    got = gtf.factored_statistics(model, lambda o, t: 4.0 * BCE(t, o), x, y, combiner, loss_scale=4.0)[1]
     for s, r in zip(got, want):
         np.testing.assert_allclose(s.mean.numpy(), r.mean.numpy(), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(s.m2.numpy(), r.m2.numpy(), rtol=1e-5, atol=1e-9)
@@ -320,10 +320,105 @@ def test_dense_subclass_with_its_own_call_falls_back():
     )
     x, y = _data(3, 4)
     combiner = gradand.AndMask(0.6)
-    _assert_close(
-        gtf.factored_gradients(model, BCE, x, y, combiner).gradients, _reference(model, x, y, combiner)
-    )
+    _assert_close(gtf.model_gradient(model, BCE, x, y, combiner)[0], _reference(model, x, y, combiner))
     with pytest.raises(
         ValueError, match=r"outside them: \['[\w/]*scaled/kernel \(3, 4\)', '[\w/]*scaled/bias \(4,\)'\]"
     ):
         gtf.factored_statistics(model, BCE, x, y, combiner, fallback="error")
+
+
+def _ragged(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    x = rng.standard_normal((n, 3)).astype(np.float32)
+    y = (rng.random((n, 1)) > 0.5).astype(np.float32)
+    env = np.repeat(np.arange(len(sizes)), sizes)
+    order = rng.permutation(n)
+    return tf.constant(x[order]), tf.constant(y[order]), tf.constant(env[order])
+
+
+def _per_environment_loop(model, x, y, env, combiner):
+    """The oracle: one tape.gradient per environment of its own examples, combined by the numpy core."""
+    per_var = [[] for _ in model.trainable_variables]
+    for e in range(int(tf.reduce_max(env)) + 1):
+        rows = tf.where(env == e)[:, 0]
+        with tf.GradientTape() as tape:
+            loss = BCE(tf.gather(y, rows), model(tf.gather(x, rows), training=True))
+        for k, g in enumerate(tape.gradient(loss, model.trainable_variables)):
+            per_var[k].append(g.numpy())
+    return [gradand.combine(np.stack(g), combiner) for g in per_var]
+
+
+@pytest.mark.parametrize("method", ["factored", "vectorized", "streaming"])
+@pytest.mark.parametrize("sizes", [(3, 1, 6, 2), (1, 1, 1)], ids=["ragged", "one-each"])
+def test_env_ids_of_different_sizes_equal_the_per_environment_loop(method, sizes):
+    model = _mixed() if method == "factored" else _mlp()
+    x, y, env = _ragged(sizes)
+    combiner = gradand.SandMask(0.3, k=10.0)
+    grads, result = gtf.model_gradient(model, BCE, x, y, combiner, method=method, env_ids=env)
+    _assert_close([g.numpy() for g in grads], _per_environment_loop(model, x, y, env, combiner))
+    assert tuple(result.losses.shape) == (len(sizes),)
+    step = tf.function(
+        lambda a, b, e: gtf.model_gradient(model, BCE, a, b, combiner, method=method, env_ids=e,
+                                           num_envs=len(sizes))[0]
+    )  # fmt: skip
+    _assert_close([g.numpy() for g in step(x, y, env)], [g.numpy() for g in grads])
+
+
+def test_env_ids_errors_name_the_environment():
+    model = _mlp()
+    x, y, env = _ragged((2, 2, 2))
+    c = gradand.AndMask()
+    with pytest.raises(ValueError, match=r"env_ids holds \[7\], outside \[0, num_envs=3\)"):
+        gtf.model_gradient(model, BCE, x, y, c, env_ids=tf.where(env == 2, 7, env), num_envs=3)
+    with pytest.raises(ValueError, match=r"environment\(s\) \[3\] of num_envs=4 have no example"):
+        gtf.model_gradient(model, BCE, x, y, c, env_ids=env, num_envs=4)
+    step = tf.function(lambda e: gtf.model_gradient(model, BCE, x, y, c, env_ids=e, num_envs=3)[0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside"):
+        step(tf.where(env == 2, 7, env))
+
+
+def test_result_fields_and_loss_fn_order():
+    model = _mlp()
+    x, y = _data(4, 3)
+    c = gradand.AndMask(0.5)
+    _, result = gtf.model_gradient(model, lambda out, tgt: BCE(tgt, out), x, y, c)
+    assert isinstance(result, gradand.Result)
+    want = [float(BCE(y[e], model(x[e]))) for e in range(4)]
+    np.testing.assert_allclose(result.losses.numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose(float(result.loss), np.mean(want), rtol=1e-5)
+    summary = gradand.summarize(result.infos, [int(np.prod(v.shape)) for v in model.trainable_variables])
+    assert float(result.summary.survivor_fraction) == pytest.approx(float(summary.survivor_fraction))
+    assert float(result.summary.agreement) == pytest.approx(float(summary.agreement))
+    fn = gtf.model_gradient(model, keras.losses.binary_crossentropy, x, y, gradand.Mean())[1]
+    plain = gtf.model_gradient(model, keras.losses.BinaryCrossentropy(), x, y, gradand.Mean())[1]
+    np.testing.assert_allclose(fn.losses.numpy(), plain.losses.numpy(), rtol=1e-5)
+
+
+def test_factored_path_delegates_to_the_core_engine(monkeypatch):
+    calls = []
+    engine = gradand.layer_statistics
+
+    def spy(factors, combiner, **kw):
+        calls.append((len(factors), kw["shape"], kw["layout"]))
+        return engine(factors, combiner, **kw)
+
+    monkeypatch.setattr(gradand, "layer_statistics", spy)
+    model = _mlp()
+    x, y = _data(3, 2)
+    gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
+    assert [shape for _, shape, _ in calls] == [tuple(v.shape) for v in model.trainable_variables]
+    assert all(layout == "in_out" and n == 1 for n, _, layout in calls)
+
+
+def test_deprecated_factored_gradients_warns_and_keeps_the_keras_order():
+    model = _mlp()
+    x, y = _data(4, 2)
+    c = gradand.AndMask(0.5)
+    grads, _ = gtf.model_gradient(model, BCE, x, y, c)
+    with pytest.warns(DeprecationWarning, match="factored_gradients"):
+        old = gtf.factored_gradients(model, lambda t, o: BCE(t, o), x, y, c)
+    assert isinstance(old, gtf.CombinedGradients)
+    _assert_close(old.gradients, grads, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="fallback='jacobian' is now fallback='vectorized'"):
+        gtf.factored_statistics(model, BCE, x, y, c, fallback="jacobian")

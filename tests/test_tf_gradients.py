@@ -103,7 +103,8 @@ def test_vectorized_map_statistics_equal_the_loop_statistics():
     def env_loss(x_e, y_e):
         return tf.reduce_mean(keras.losses.binary_crossentropy(y_e, net(x_e), from_logits=True))
 
-    _, stats = gtf.vectorized_statistics(env_loss, net.trainable_variables, (tf.constant(x), tf.constant(y)), c)
+    data = (tf.constant(x), tf.constant(y))
+    _, stats = gtf.vectorized_statistics(env_loss, net.trainable_variables, data, c)
     assert all(s.count == E for s in stats)
     grads, _ = gtf.finalize_gradients(stats, c)
     _close(grads, _oracle(net, x, y, c))
