@@ -1,5 +1,5 @@
 """JAX strategies: plain averaging, ``gradand.backends.jax.value_and_grad`` and, for the MLP
-workloads, ``factored_value_and_grad`` (jitted, optax Adam)."""
+workloads, ``value_and_grad(method="factored")`` (jitted, optax Adam)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def compiled_steps(w: Workload, device: str) -> dict[str, tuple[Callable, tuple]
         return optax.apply_updates(params, updates), state, value
 
     def combined(chunk_size):
-        grad_fn = gj.value_and_grad(loss, COMBINER, chunk=chunk_size)
+        grad_fn = gj.value_and_grad(loss, COMBINER, chunk_size=chunk_size)
 
         def step(params, state, batch):
             (value, _), grads = grad_fn(params, batch)
@@ -117,7 +117,7 @@ def compiled_steps(w: Workload, device: str) -> dict[str, tuple[Callable, tuple]
         f"gradand value_and_grad(chunk={chunk})": combined(chunk),
     }
     if w.model == "mlp":  # dense layers only: the factored path (gj.dense in place of x @ w + b)
-        grad_fn = gj.factored_value_and_grad(loss_for(w, gj.dense), COMBINER)
+        grad_fn = gj.value_and_grad(loss_for(w, gj.dense), COMBINER, method="factored")
 
         def factored(params, state, batch):
             (value, _), grads = grad_fn(params, batch)

@@ -43,14 +43,19 @@ def example_loss(params: list[dict], example: tuple[jax.Array, jax.Array]) -> ja
     return optax.sigmoid_binary_cross_entropy(logits_fn(params, x), y)
 
 
+def is_info(x: object) -> bool:
+    return isinstance(x, gradand.MaskInfo)
+
+
 def make_step(combiner: gradand.Combiner, optimizer: optax.GradientTransformation):
     grad_fn = gj.value_and_grad(example_loss, combiner)
 
     @jax.jit
     def step(params, state, x, y):
-        (_, info), grads = grad_fn(params, (x, y))  # x: (examples, features): one environment each
+        (_, result), grads = grad_fn(params, (x, y))  # x: (examples, features): one environment each
         updates, state = optimizer.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, info.survivor_fraction
+        fractions = [info.survivor_fraction for info in jax.tree.leaves(result.infos, is_leaf=is_info)]
+        return optax.apply_updates(params, updates), state, fractions
 
     return step
 

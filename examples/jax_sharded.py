@@ -55,7 +55,11 @@ batch = (jax.device_put(x, split), jax.device_put(y, split))
 
 combiner = gradand.AndMask(threshold=args.threshold)
 optimizer = optax.chain(optax.add_decayed_weights(1e-3), optax.adam(1e-2))
-info_specs = gj.GradInfo(losses=P("envs"), survivor_fraction=P(), agreement=P(), aux=P())
+info_specs = gradand.Result(loss=P(), losses=P("envs"), infos=P(), summary=P(), aux=P())
+
+
+def is_info(x: object) -> bool:
+    return isinstance(x, gradand.MaskInfo)
 
 
 def local_step(params, state, batch):
@@ -94,6 +98,7 @@ print(f"first-step gradient, sharded vs one device: max |difference| = {diff:.2e
 for i in range(1, args.steps + 1):
     params, state, loss, info = step(params, state, batch)
     if i % max(1, args.steps // 4) == 0 or i == args.steps:
-        kept = [round(float(f), 4) for f in jax.tree.leaves(info.survivor_fraction)[1::2]]
+        fractions = [i.survivor_fraction for i in jax.tree.leaves(info.infos, is_leaf=is_info)]
+        kept = [round(float(f), 4) for f in fractions[1::2]]
         env_losses = np.round(np.asarray(info.losses)[:4], 3)
         print(f"step {i:4d}  mean loss {float(loss):.3f}  env losses {env_losses}...  kept (weights) {kept}")

@@ -87,10 +87,9 @@ def train(combiner: gradand.Combiner, args: argparse.Namespace, data: dict) -> d
 
     @jax.jit
     def step(params, opt_state, batch):
-        (loss, info), grads = grad_fn(params, batch)
+        (loss, result), grads = grad_fn(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        sizes = [g.size for g in jax.tree.leaves(grads)]
-        kept = sum(f * n for f, n in zip(jax.tree.leaves(info.survivor_fraction), sizes)) / sum(sizes)
+        kept = result.summary.survivor_fraction  # over all parameters, weighted by size
         return optax.apply_updates(params, updates), opt_state, loss, kept
 
     opt_state = optimizer.init(params)

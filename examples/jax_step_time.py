@@ -60,7 +60,7 @@ def make_steps(envs: int) -> dict:
         return optax.apply_updates(params, updates), state, loss
 
     def combined(combiner, chunk=None):
-        grad_fn = gj.value_and_grad(env_loss, combiner, chunk=chunk)
+        grad_fn = gj.value_and_grad(env_loss, combiner, chunk_size=chunk)
 
         def step(params, state, batch):
             (loss, _), grads = grad_fn(params, batch)

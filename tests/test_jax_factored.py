@@ -1,4 +1,4 @@
-"""gradand.backends.jax.factored_value_and_grad: the same result as gj.value_and_grad, from one pass."""
+"""gj.value_and_grad(method="factored"): the same result as method="vectorized", from one pass."""
 
 from __future__ import annotations
 
@@ -86,8 +86,9 @@ def assert_same(got, want, atol=2e-5):
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=atol)
-    for a, b in zip(jax.tree.leaves(info_a[1:3]), jax.tree.leaves(info_b[1:3]), strict=True):
+    for a, b in zip(jax.tree.leaves(info_a.infos), jax.tree.leaves(info_b.infos), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(info_a.summary, info_b.summary, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,7 @@ def test_equals_value_and_grad(model, shape):
         if model == "flax" and name in ("and_mask_0", "and_mask_1"):  # (as the pure model; saves time)
             continue
         want = gj.value_and_grad(loss, combiner)(params, x, y)
-        f = gj.factored_value_and_grad(loss, combiner)
+        f = gj.value_and_grad(loss, combiner, method="factored")
         # jitted (the statistics accumulated one environment at a time) for one combiner
         got = jax.jit(f)(params, x, y) if name == "and_mask_05" else f(params, x, y)
         assert_same(got, want)
@@ -120,7 +121,7 @@ def test_equals_value_and_grad(model, shape):
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_jit_equals_eager(model):
     loss, init = MODELS[model]
-    f = gj.factored_value_and_grad(loss, gradand.AndMask(threshold=0.5))
+    f = gj.value_and_grad(loss, gradand.AndMask(threshold=0.5), method="factored")
     x, y = make_batch()
     assert_same(f(init(), x, y), jax.jit(f)(init(), x, y), atol=1e-6)
 
@@ -139,13 +140,17 @@ def test_supported_layers_are_factored_and_the_rest_falls_back():
         return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
 
     params = model.init(jax.random.key(0), x[0])["params"]
-    strict = gj.factored_value_and_grad(loss, gradand.AndMask(), fallback="error")
+    strict = gj.value_and_grad(loss, gradand.AndMask(), method="factored", fallback="error")
     assert_same(strict(params, x, y), gj.value_and_grad(loss, gradand.AndMask())(params, x, y))
     with pytest.raises(ValueError, match=r"LayerNorm_0.*scale") as err:
-        gj.factored_value_and_grad(flax_loss, gradand.AndMask(), fallback="error")(flax_params(), x, y)
+        gj.value_and_grad(flax_loss, gradand.AndMask(), method="factored", fallback="error")(
+            flax_params(), x, y
+        )
     assert "Dense_0" not in str(err.value)
     with pytest.raises(ValueError, match=r"grads\['scale'\]") as err:
-        gj.factored_value_and_grad(pure_loss, gradand.AndMask(), fallback="error")(pure_params(), x, y)
+        gj.value_and_grad(pure_loss, gradand.AndMask(), method="factored", fallback="error")(
+            pure_params(), x, y
+        )
     assert "'l1'" not in str(err.value)
 
 
@@ -176,11 +181,13 @@ def test_batch_norm_within_an_environment_and_unsupported_flax_layers():
 
     c = gradand.AndMask(threshold=0.5)
     args = (variables["params"], x, y)
-    got = jax.jit(gj.factored_value_and_grad(loss, c, has_aux=True))(*args, stats=variables["batch_stats"])
+    got = jax.jit(gj.value_and_grad(loss, c, method="factored", has_aux=True))(
+        *args, stats=variables["batch_stats"]
+    )
     assert_same(got, gj.value_and_grad(loss, c, has_aux=True)(*args, stats=variables["batch_stats"]))
     assert got[0][1].aux["batch_stats"]["BatchNorm_0"]["mean"].shape == (ENVS, H)
     with pytest.raises(ValueError, match="these leaves of params are not") as err:
-        gj.factored_value_and_grad(loss, c, has_aux=True, fallback="error")(
+        gj.value_and_grad(loss, c, method="factored", has_aux=True, fallback="error")(
             *args, stats=variables["batch_stats"]
         )
     for name in ("BatchNorm_0", "DenseGeneral_0", "Sub_0"):
@@ -197,11 +204,11 @@ def test_a_kernel_also_used_outside_its_layer_falls_back():
 
     c = gradand.AndMask(threshold=0.5)
     assert_same(
-        jax.jit(gj.factored_value_and_grad(loss, c))(pure_params(), x, y),
+        jax.jit(gj.value_and_grad(loss, c, method="factored"))(pure_params(), x, y),
         jax.jit(gj.value_and_grad(loss, c))(pure_params(), x, y),
     )
     with pytest.raises(ValueError, match=r"grads\['l2'\]\['w'\]") as err:
-        gj.factored_value_and_grad(loss, c, fallback="error")(pure_params(), x, y)
+        gj.value_and_grad(loss, c, method="factored", fallback="error")(pure_params(), x, y)
     assert "['l2']['b']" not in str(err.value)
 
 
@@ -219,7 +226,7 @@ def test_a_kernel_shared_by_two_layers_is_factored(n):
     params = {"w_in": jax.random.normal(k1, (D, H)), "w": jax.random.normal(k2, (H, H)) / 3, "b": jnp.ones(H)}
     for c in (gradand.AndMask(threshold=0.5), gradand.SandMask(threshold=0.1, k=5.0)):
         want = gj.value_and_grad(loss, c)(params, x, y)
-        assert_same(gj.factored_value_and_grad(loss, c, fallback="error")(params, x, y), want)
+        assert_same(gj.value_and_grad(loss, c, method="factored", fallback="error")(params, x, y), want)
 
 
 def test_has_aux_and_keyword_arguments():
@@ -230,7 +237,9 @@ def test_has_aux_and_keyword_arguments():
         return value, {"positives": jnp.sum(y), "first": x[0]}
 
     c = gradand.AndMask(threshold=0.5)
-    got = jax.jit(gj.factored_value_and_grad(loss, c, has_aux=True))(pure_params(), x, y, weight=2.0)
+    got = jax.jit(gj.value_and_grad(loss, c, method="factored", has_aux=True))(
+        pure_params(), x, y, weight=2.0
+    )
     want = gj.value_and_grad(loss, c, has_aux=True)(pure_params(), x, y, weight=2.0)
     assert_same(got, want)
     np.testing.assert_array_equal(got[0][1].aux["first"], x[:, 0])
@@ -245,11 +254,11 @@ def test_batch_as_one_pytree_argument_and_float16_inputs():
 
     c = gradand.AndMask(threshold=0.5)
     assert_same(
-        gj.factored_value_and_grad(loss, c)(pure_params(), (x, y)),
+        gj.value_and_grad(loss, c, method="factored")(pure_params(), (x, y)),
         gj.value_and_grad(loss, c)(pure_params(), (x, y)),
     )
     xh = x.astype(jnp.float16)
-    got = gj.factored_value_and_grad(loss, c)(pure_params(), (xh, y))
+    got = gj.value_and_grad(loss, c, method="factored")(pure_params(), (xh, y))
     want = gj.value_and_grad(loss, c)(pure_params(), (xh, y))
     assert_same(got, want, atol=1e-3)
 
@@ -268,7 +277,7 @@ def test_bfloat16_flax_dense():
     x, y = make_batch()
     params = model.init(jax.random.key(0), x[0])["params"]
     c = gradand.AndMask(threshold=0.5, rescale=False)
-    (_, _), got = gj.factored_value_and_grad(loss, c, fallback="error")(params, x, y)
+    (_, _), got = gj.value_and_grad(loss, c, method="factored", fallback="error")(params, x, y)
     (_, _), want = gj.value_and_grad(loss, c)(params, x, y)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert a.dtype == b.dtype == jnp.float32
@@ -281,12 +290,16 @@ def test_nan_policies(n):
     bad = x.at[2, 0, 1].set(jnp.nan)
     c = gradand.AndMask(threshold=0.5)
     want = gj.value_and_grad(pure_loss, c, nan_policy="zero")(pure_params(), bad, y)
-    got = jax.jit(gj.factored_value_and_grad(pure_loss, c, nan_policy="zero"))(pure_params(), bad, y)
+    got = jax.jit(gj.value_and_grad(pure_loss, c, method="factored", nan_policy="zero"))(
+        pure_params(), bad, y
+    )
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        gj.factored_value_and_grad(pure_loss, c)(pure_params(), bad, y)
-    step = jax.jit(checkify.checkify(gj.factored_value_and_grad(pure_loss, c, nan_policy="checkify")))
+        gj.value_and_grad(pure_loss, c, method="factored")(pure_params(), bad, y)
+    step = jax.jit(
+        checkify.checkify(gj.value_and_grad(pure_loss, c, method="factored", nan_policy="checkify"))
+    )
     err, _ = step(pure_params(), bad, y)
     assert "contains NaN or Inf" in str(err.get())
     err, (_, grads) = step(pure_params(), x, y)
@@ -305,14 +318,14 @@ def test_errors():
     c = gradand.AndMask()
     params = pure_params()
     with pytest.raises(TypeError, match="combiner"):
-        gj.factored_value_and_grad(pure_loss, "and")
+        gj.value_and_grad(pure_loss, "and", method="factored")
     with pytest.raises(ValueError, match="fallback"):
-        gj.factored_value_and_grad(pure_loss, c, fallback="loop")
+        gj.value_and_grad(pure_loss, c, method="factored", fallback="loop")
     with pytest.raises(ValueError, match="nan_policy"):
-        gj.factored_value_and_grad(pure_loss, c, nan_policy="ignore")
+        gj.value_and_grad(pure_loss, c, method="factored", nan_policy="ignore")
     with pytest.raises(TypeError, match="loss_fn must be callable"):
-        gj.factored_value_and_grad(None, c)
-    f = gj.factored_value_and_grad(pure_loss, c)
+        gj.value_and_grad(None, c, method="factored")
+    f = gj.value_and_grad(pure_loss, c, method="factored")
     with pytest.raises(ValueError, match="no batch"):
         f(params)
     with pytest.raises(ValueError, match=r"args\[2\] has 5 environments|has 6 environments but"):
@@ -332,7 +345,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"bias must have shape \(out,\) = \(2,\)"):
         gj.dense(x, jnp.ones((3, 2)), jnp.ones(3))
     with pytest.raises(TypeError, match="must return \\(loss, aux\\)"):
-        gj.factored_value_and_grad(pure_loss, c, has_aux=True)(params, x, y)
+        gj.value_and_grad(pure_loss, c, method="factored", has_aux=True)(params, x, y)
 
 
 @settings(max_examples=5)
@@ -349,7 +362,7 @@ def test_property_equals_value_and_grad(envs, n, hidden, threshold, sand, seed):
     params = pure_params(seed, hidden)
     c = gradand.SandMask(threshold=threshold, k=3.0) if sand else gradand.AndMask(threshold=threshold)
     want = jax.jit(gj.value_and_grad(pure_loss, c))(params, x, y)  # jit: fewer compilations than eager
-    got = jax.jit(gj.factored_value_and_grad(pure_loss, c))(params, x, y)
+    got = jax.jit(gj.value_and_grad(pure_loss, c, method="factored"))(params, x, y)
     (_, _), g_want = want
     (_, _), g_got = got
     # a component whose environments' gradients are zero up to rounding may flip its vote
@@ -366,10 +379,10 @@ def test_environments_in_cache_sized_chunks_with_a_remainder(monkeypatch):
     params = jax.tree.map(lambda a: a / 5, pure_params(4, hidden=260))
     assert _factored._chunk_size(params["l2"]["w"], 9) == 7 or jax.default_backend() != "cpu"
     for c in (gradand.AndMask(threshold=0.5),):
-        chunked = jax.jit(gj.factored_value_and_grad(pure_loss, c))(params, x, y)
+        chunked = jax.jit(gj.value_and_grad(pure_loss, c, method="factored"))(params, x, y)
         with monkeypatch.context() as m:
             m.setattr(_factored, "_CHUNK_BYTES", 2**40)
-            whole = jax.jit(gj.factored_value_and_grad(pure_loss, c))(params, x, y)
+            whole = jax.jit(gj.value_and_grad(pure_loss, c, method="factored"))(params, x, y)
         assert_same(chunked, whole, atol=1e-5)
         # against value_and_grad: a few per-environment gradients cancel to ~0, and their sign
         # (so the vote at the 0.5 boundary) depends on rounding
@@ -390,5 +403,5 @@ def test_inputs_with_several_leading_axes():
 
     params = {k: v for k, v in pure_params(2).items() if k in ("l1", "out")}
     c = gradand.AndMask(threshold=0.5)
-    got = gj.factored_value_and_grad(loss, c, fallback="error")(params, x, y)
+    got = gj.value_and_grad(loss, c, method="factored", fallback="error")(params, x, y)
     assert_same(got, gj.value_and_grad(loss, c)(params, x, y))

@@ -5,7 +5,7 @@ The same models and optimisation as :mod:`gradand.experiments.torch_training`
 decay added to the gradient, a ×``lr_decay`` step, L1 as ``l1 · sign(θ)``),
 written in plain JAX so that nothing beyond ``jax`` and ``optax`` is needed.
 Per-environment gradients are combined by
-:func:`gradand.backends.jax.factored_value_and_grad` (the MLP's layers are
+:func:`gradand.backends.jax.value_and_grad` with ``method="factored"`` (the MLP's layers are
 :func:`gradand.backends.jax.dense`, so every environment's or example's
 kernel gradient statistics come from one backward pass); plain averaging (``Mean``) takes
 ``jax.grad`` of the mean loss over the whole step's batch, which equals the
@@ -257,7 +257,9 @@ def train_classifier(
             return _loss(loss, out, ye)
 
         combined = (
-            None if use_mean else gj.factored_value_and_grad(env_loss, combiner, nan_policy="propagate")
+            None
+            if use_mean
+            else gj.value_and_grad(env_loss, combiner, method="factored", nan_policy="propagate")
         )
 
         def finish(p: Any, grads: Any, o: Any) -> tuple[Any, Any]:
@@ -274,11 +276,9 @@ def train_classifier(
 
         @jax.jit
         def step_combined(p: Any, st: Any, o: Any, xb: Any, yb: Any, key: Any) -> Any:
-            (_, info), grads = combined(p, (xb, yb))
-            sizes = jax.tree.map(lambda w: w.size, p)
-            kept = sum(jax.tree.leaves(jax.tree.map(lambda f, n: f * n, info.survivor_fraction, sizes)))
+            (_, result), grads = combined(p, (xb, yb))
             p, o = finish(p, grads, o)
-            return p, st, o, kept / sum(jax.tree.leaves(sizes))
+            return p, st, o, result.summary.survivor_fraction
 
         @jax.jit
         def predict(p: Any, st: Any, x: Any) -> Any:

@@ -1,32 +1,31 @@
 """gradand for JAX: AND-masked gradients as transforms, optax transformations, and across devices.
 
-Four ways in, all pure and jit-able, over any pytree of parameters:
+The one line is :func:`value_and_grad` — ``jax.value_and_grad`` for a loss of
+*one* environment, evaluated over a batch stacked on an environment axis (or
+with ``env_ids``, environments of any sizes), returning
+``((loss, gradand.Result), grads)``. It composes three public layers:
 
-- :func:`value_and_grad` — ``jax.value_and_grad`` for a loss of *one*
-  environment (or example), evaluated over a batch stacked on an environment
-  axis; returns ``((mean_loss, info), combined_grads)``. ``chunk=`` folds the
-  environments through ``lax.scan`` (bounded memory), ``axis_name=`` combines
-  across devices inside ``shard_map``/``pmap``.
-- :func:`reduce_environments` — an optax transformation that combines
-  per-environment updates (leading axis); chain it before any optimizer.
-  :func:`temporal_and_mask` — the paper's temporal AND-mask (Algorithm 1) as
-  an optax optimizer, hyperparameters injectable with ``optax.inject_hyperparams``.
-- :func:`factored_value_and_grad` — the same result as :func:`value_and_grad`
-  at about the cost of an ordinary step for models built from dense layers
-  (every ``flax.linen.Dense``, intercepted, and :func:`dense` in hand-written
-  models): one batched backward pass to the layer outputs and one batched
-  product per layer instead of per-environment kernel gradients;
-  per-example environments need no per-example gradient array
-  (:data:`FACTORED_LAYERS` lists what is factored; the rest falls back).
-- :func:`statistics` / :func:`finalize` / :func:`combine` — the core's verbs on
-  pytrees of stacked gradients, for hand-written loops (gradient accumulation:
-  merge statistics of several micro-batches, then finalize once).
+- sources, ``(loss_fn, combiner, params, batch, ...) -> (losses, stats)``:
+  :func:`vectorized_statistics` (``vmap`` of ``grad``; ``chunk_size`` folds
+  environments through ``lax.scan``), :func:`streaming_statistics` (one
+  environment at a time) and :func:`factored_statistics` (dense layers —
+  every ``flax.linen.Dense``, and :func:`dense` in hand-written models —
+  handed to the core's factored engine :func:`gradand.layer_statistics`;
+  :data:`FACTORED_LAYERS`);
+- :func:`all_reduce_statistics` — ``lax.psum`` inside ``shard_map``/``pmap``;
+- the sink :func:`finalize_gradients` — ``(grads, infos)``.
 
-The math is the core's (:mod:`gradand`); this module only maps it over
-pytrees, ``vmap``s the gradient and moves statistics through ``lax.scan`` and
-``lax.psum`` (importing it registers :class:`gradand.Statistics` as a pytree).
-Statistics are float32 for float16/bfloat16 gradients; updates come back in
-the gradient's dtype, on its device and sharding.
+Besides: :func:`reduce_environments` (an optax transformation combining
+per-environment updates), :func:`temporal_and_mask` (the paper's Algorithm 1
+as an optax optimizer), :func:`statistics` / :func:`finalize` / :func:`combine`
+(the core's verbs on pytrees of stacked gradients) and
+:func:`environment_losses` / :func:`environment_hessians` for
+:mod:`gradand.consistency`.
+
+The math is the core's (:mod:`gradand`); importing this module registers
+:class:`gradand.Statistics` as a pytree. Statistics are float32 for
+float16/bfloat16 gradients; updates come back in the gradient's dtype, on its
+device and sharding.
 
 NaN/Inf: the core's ``nan_policy="raise"`` needs concrete values, so under
 ``jit`` (and in ``lax.scan`` chunks) it is skipped. Use
@@ -45,7 +44,7 @@ Example:
     >>> opt = optax.adam(1e-2)
     >>> @jax.jit
     ... def step(params, state, batch):
-    ...     (mean_loss, info), grads = grad_fn(params, batch)
+    ...     (mean_loss, result), grads = grad_fn(params, batch)
     ...     updates, state = opt.update(grads, state, params)
     ...     return optax.apply_updates(params, updates), state, mean_loss
     >>> params = {"w": jnp.zeros(3)}
@@ -56,8 +55,13 @@ Example:
     (3,)
 """
 
-from gradand.backends.jax._factored import FACTORED_LAYERS, dense, factored_value_and_grad
-from gradand.backends.jax._grad import GradInfo, value_and_grad
+import warnings
+from typing import Any
+
+from gradand.backends.jax._all_reduce import all_reduce_statistics
+from gradand.backends.jax._consistency import environment_hessians, environment_losses
+from gradand.backends.jax._entry import factored_value_and_grad, value_and_grad
+from gradand.backends.jax._factored import FACTORED_LAYERS, dense, factored_statistics
 from gradand.backends.jax._optax import (
     ReduceEnvironmentsState,
     TemporalAndMaskState,
@@ -65,22 +69,43 @@ from gradand.backends.jax._optax import (
     scale_by_temporal_and_mask,
     temporal_and_mask,
 )
+from gradand.backends.jax._sink import finalize_gradients
+from gradand.backends.jax._sources import streaming_statistics, vectorized_statistics
 from gradand.backends.jax._tree import NAN_POLICIES, TreeInfo, combine, finalize, statistics
 
 __all__ = [
     "FACTORED_LAYERS",
     "NAN_POLICIES",
-    "GradInfo",
     "ReduceEnvironmentsState",
     "TemporalAndMaskState",
     "TreeInfo",
+    "all_reduce_statistics",
     "combine",
     "dense",
+    "environment_hessians",
+    "environment_losses",
+    "factored_statistics",
     "factored_value_and_grad",
     "finalize",
+    "finalize_gradients",
     "reduce_environments",
     "scale_by_temporal_and_mask",
     "statistics",
+    "streaming_statistics",
     "temporal_and_mask",
     "value_and_grad",
+    "vectorized_statistics",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GradInfo":  # deprecated: value_and_grad returns gradand.Result
+        from gradand.backends.jax._entry import GradInfo
+
+        warnings.warn(
+            "gradand.backends.jax.GradInfo is deprecated; value_and_grad returns gradand.Result",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return GradInfo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@ For a dense layer ``y = x @ W + b`` the gradient of environment ``e``'s loss
 with respect to ``W`` is ``X_eᵀ Δ_e`` (``X_e`` the layer's inputs in that
 environment, ``Δ_e = ∂loss_e/∂y``). So instead of differentiating every
 environment's loss with respect to every kernel (``vmap`` of ``grad``, which
-is what :func:`value_and_grad` does), :func:`factored_value_and_grad`
+is what :func:`vectorized_statistics` does), :func:`factored_statistics`
 differentiates with respect to a zero *perturbation* added to each layer's
 output (flax's ``Module.perturb`` trick): one batched backward pass to the
 layer outputs gives every ``Δ_e``, and one batched matrix product per layer
@@ -34,24 +34,20 @@ from jax.extend.core import Var
 
 import gradand
 from gradand import Combiner, Statistics
-from gradand.backends.jax._grad import (
-    GradInfo,
+from gradand.backends.jax._all_reduce import PyTree
+from gradand.backends.jax._batch import (
     _check_params,
     _environment_count,
     _is_none,
     _map_mapped,
     _resolve_in_axes,
 )
-from gradand.backends.jax._tree import (
-    PyTree,
-    check_combiner,
-    check_nan_policy,
-    finalize,
-)
+from gradand.backends.jax._sources import check_chunk_size, check_loss_scale, scaled_loss, unscaled_statistics
+from gradand.backends.jax._tree import _is_stats, check_combiner, check_nan_policy
 
-__all__ = ["FACTORED_LAYERS", "dense", "factored_value_and_grad"]
+__all__ = ["FACTORED_LAYERS", "dense", "factored_statistics"]
 
-#: The layers whose kernel and bias :func:`factored_value_and_grad` factors: ``flax.linen.Dense``
+#: The layers whose kernel and bias :func:`factored_statistics` factors: ``flax.linen.Dense``
 #: (intercepted; not a subclass that overrides ``__call__``, nor one with a custom
 #: ``dot_general``) and calls of :func:`dense`. Inputs ``(..., in)``: any leading axes are
 #: examples (or positions) of the environment. Convolutions, embeddings, attention
@@ -116,7 +112,7 @@ class _Trace:
         records, active, perts = self.plan
         if k >= len(records) or (records[k].kernel, records[k].bias) != (ki, bi):
             raise RuntimeError(
-                "factored_value_and_grad: the model called its dense layers differently in two traces "
+                "the factored path: the model called its dense layers differently in two traces "
                 "of the same loss (call order or parameters changed); the loss must be a pure function"
             )
         y = compute(x, kernel, bias)
@@ -133,10 +129,10 @@ def _matmul(x: Any, kernel: Any, bias: Any, precision: Any = None) -> Any:
 
 
 def dense(x: Any, kernel: Any, bias: Any = None, *, precision: Any = None) -> jax.Array:
-    """``x @ kernel + bias`` that :func:`factored_value_and_grad` can see.
+    """``x @ kernel + bias`` that the factored path (:func:`factored_statistics`) can see.
 
     Use it in place of the matrix product of a hand-written dense layer.
-    Outside :func:`factored_value_and_grad` it is exactly ``x @ kernel + bias``
+    Outside the factored path it is exactly ``x @ kernel + bias``
     (any other transform, ``jit``, ``grad``, ``vmap``, works as usual);
     inside it, it records ``x`` and adds a zero perturbation to the output so
     that the kernel's and bias's per-environment gradients come from one
@@ -231,17 +227,6 @@ def _intercept_dense(next_fun: Callable, args: tuple, kwargs: dict, context: Any
 # --- statistics ---------------------------------------------------------------------------
 
 
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _stacked_statistics(g: jax.Array, combiner: Combiner, policy: str, name: str) -> Statistics:
-    """The core's statistics of ``g`` (E, ...), environments on axis 0 (see ``_tree._leaf_statistics``)."""
-    from gradand.backends.jax._tree import _leaf_statistics
-
-    return _leaf_statistics(g, combiner, policy, name)
-
-
 def _check_finite(a: jax.Array, name: str) -> None:
     finite = jnp.isfinite(a)
     escaped = name.replace("{", "{{").replace("}", "}}")
@@ -250,21 +235,6 @@ def _check_finite(a: jax.Array, name: str) -> None:
         f"{escaped} contains NaN or Inf ({{n}} of {a.size} entries, shape {tuple(a.shape)})",
         n=jnp.sum(~finite),
     )
-
-
-def _outer(x: jax.Array, d: jax.Array, combiner: Combiner, policy: str, name: str) -> Statistics:
-    """Per-example kernel statistics (``(in, out)``) from ``x`` (E, in) and ``Δ`` (E, out)."""
-    if policy == "checkify":
-        _check_finite(x, f"{name} (layer inputs)")
-        _check_finite(d, f"{name} (output gradients)")
-        policy = "propagate"
-    try:
-        s = gradand.outer_statistics(x, d, combiner, nan_policy=policy)
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
-    # The core's layout is (out, in); the kernel's is (in, out). (XLA folds the transposes into
-    # the products: faster on CPU than swapping the roles of x and Δ.)
-    return s.replace(**{k: v.T for k, v in s.arrays().items()})
 
 
 # --- the transform --------------------------------------------------------------------------
@@ -282,84 +252,66 @@ def _uses(jaxpr: Any) -> set:
     return used
 
 
-def factored_value_and_grad(
+def factored_statistics(
     loss_fn: Callable[..., Any],
     combiner: Combiner,
-    *,
+    params: PyTree,
+    *batch: Any,
     has_aux: bool = False,
-    fallback: str = "vmap",
+    fallback: str = "vectorized",
+    chunk_size: int | None = None,
     nan_policy: str = "raise",
-) -> Callable[..., tuple[tuple[jax.Array, GradInfo], PyTree]]:
-    """:func:`value_and_grad` at about the cost of an ordinary step, for models built from dense layers.
+    loss_scale: float | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> tuple[Any, PyTree]:
+    """Source: the factored fast path, for models built from dense layers; ``(losses, stats)``.
 
-    Same calling convention and result (up to float rounding) as
-    ``gj.value_and_grad(loss_fn, combiner)``: ``loss_fn(params, batch, ...)``
-    is the loss of **one** environment; the returned function takes the batch
-    stacked over environments on axis 0 (every positional argument after
-    ``params``; keyword arguments are passed unmapped) and returns
-    ``((mean_loss, info), grads)`` with a :class:`GradInfo`. It is pure and
-    jit-able. The environments are ``vmap``-ped as in :func:`value_and_grad`,
-    so layers that mix the examples *of one environment* (BatchNorm in train
-    mode, attention) see the same batch as there.
+    Same arguments and result (up to float rounding) as
+    ``gj.vectorized_statistics(loss_fn, combiner, params, *batch)``, at about
+    the cost of an ordinary step. ``loss_fn(params, *batch, **kwargs)`` is the
+    loss of **one** environment; the batch is stacked over environments on
+    axis 0. The environments are ``vmap``-ped as there, so layers that mix the
+    examples *of one environment* (BatchNorm in train mode, attention) see the
+    same batch.
 
     How: the loss is traced once to find the calls of supported layers
     (:data:`FACTORED_LAYERS`: every ``flax.linen.Dense``, intercepted with
     ``flax.linen.intercept_methods``, no model change; and :func:`dense` in
     hand-written models) whose kernel and bias are leaves of ``params`` used
-    nowhere else. Then one batched backward pass gives, per environment, the
+    nowhere else. One batched backward pass then gives, per environment, the
     gradient ``Δ_e`` at each such layer's output (with respect to a zero
-    perturbation added there, as flax's ``Module.perturb`` does) instead of
-    the kernel gradients, and per layer one batched product ``X_eᵀ Δ_e`` gives
-    every environment's kernel gradient (bias: ``Σ Δ_e``), in float32 or wider;
-    their statistics (:func:`gradand.statistics`, accumulated one environment
-    at a time, which XLA fuses into one pass) are finalized by the core. With
-    one example per environment (inputs ``(E, 1, ...)`` or ``(E, ...)``), a
-    layer called once, and a combiner whose statistics are in
-    :data:`gradand.OUTER_STATISTICS` (``Mean``, ``AndMask``, ``SandMask``;
-    not ``GeometricMean``), :func:`gradand.outer_statistics` gives the
-    kernel's statistics from two or three ``(in, E) × (E, out)`` products
-    and no per-example gradient array.
-
-    Cost: one forward and one backward pass without the kernel gradients,
-    then per layer ``E·n·in·out`` multiply-adds (what the plain step spends on
-    the kernel gradient) and the statistics' passes over the ``(E, in, out)``
-    per-environment kernel gradients, on CPU in chunks of environments that
-    fit in cache (inside ``lax.scan``); per-example layers on the outer path
-    need one or two more ``(in, E) × (E, out)`` products instead. Measured on
-    the spirals MLP (CPU, 1 thread), as a ratio to a jitted plain-averaging
-    step: 1.1–1.4 for 16 environments × 256, 1.1–1.3 for 64 × 64, 1.15–1.8
-    for 128 examples each its own environment (:func:`value_and_grad`:
-    1.05–1.3 for 16 or 64 environments, 68 per example).
+    perturbation added there, as flax's ``Module.perturb`` does), and the
+    layer's inputs ``X_e``; both go to the core's :func:`gradand.layer_statistics`
+    (one :class:`gradand.LayerFactors` per call of the layer), which forms
+    ``X_eᵀ Δ_e`` chunk by chunk (bias: ``Σ Δ_e``), or, with one example per
+    environment, the statistics from outer products without any
+    per-example gradient array.
 
     Every other leaf of ``params`` (LayerNorm scales, embeddings,
-    convolutions, ``nn.DenseGeneral``, a free scale parameter, a kernel also
-    used outside its layer, e.g. in a weight-decay term or tied to another
-    layer transposed) falls back: with ``fallback="vmap"`` its per-environment
-    gradients come from ``vmap`` of ``grad`` (only for those leaves, in the
-    same pass); with ``fallback="error"`` a ``ValueError`` names them. A
-    kernel shared by several supported layers is factored (its products are
-    summed). Dense layers inside flax lifted transforms (``nn.scan``,
-    ``nn.remat``, ``nn.vmap``) fall back.
-
-    Not supported (use :func:`value_and_grad`): ``argnums`` other than 0,
-    ``in_axes``, ``chunk`` (memory is O(E · P) for the per-environment
-    kernel gradients, as unchunked :func:`value_and_grad`; per-example
-    layers on the outer path need none), ``axis_name``.
+    convolutions, ``nn.DenseGeneral``, a kernel also used outside its layer,
+    e.g. in a weight-decay term or tied transposed) falls back: with
+    ``fallback="vectorized"`` its per-environment gradients come from ``vmap``
+    of ``grad`` (only for those leaves, in the same pass); with
+    ``fallback="error"`` a ``ValueError`` names them. A kernel shared by
+    several supported layers is factored. Dense layers inside flax lifted
+    transforms (``nn.scan``, ``nn.remat``, ``nn.vmap``) fall back.
 
     Args:
-        loss_fn: ``loss_fn(params, *batch, **kwargs) -> loss`` for one
-            environment; a scalar, or ``(loss, aux)`` with ``has_aux=True``.
-        combiner: ``gradand.Mean()``, ``gradand.AndMask(...)``,
-            ``gradand.GeometricMean(...)``, ``gradand.SandMask(...)``.
-        has_aux: ``loss_fn`` returns ``(loss, aux)``; ``info.aux`` then holds
-            the per-environment ``aux`` stacked on axis 0.
-        fallback: ``"vmap"`` or ``"error"``, for the leaves outside supported
-            layers (see above).
-        nan_policy: as in :func:`value_and_grad` (``"raise"`` only when called
-            eagerly; under ``jit`` the check is skipped).
+        loss_fn: one environment's loss; a scalar, or ``(loss, aux)`` with ``has_aux=True``.
+        combiner: the combiner whose statistics to compute.
+        params: the parameters (any pytree), differentiated.
+        *batch: the rest of ``loss_fn``'s positional arguments, environments on axis 0.
+        has_aux: ``loss_fn`` returns ``(loss, aux)``.
+        fallback: ``"vectorized"`` or ``"error"``, for the leaves outside supported layers.
+        chunk_size: environments per batched product (``None``: chunks that
+            fit in cache on CPU, all at once on accelerators).
+        nan_policy: ``"raise"`` (eager only), ``"zero"``, ``"propagate"``, ``"checkify"``.
+        loss_scale: as in :func:`vectorized_statistics`.
+        kwargs: keyword arguments for ``loss_fn``, passed unmapped.
 
     Returns:
-        A function ``(params, *batch, **kwargs) -> ((mean_loss, info), grads)``.
+        ``(losses, stats)`` (``((losses, aux), stats)`` with ``has_aux``), as
+        :func:`vectorized_statistics`.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -371,11 +323,11 @@ def factored_value_and_grad(
         >>> params = model.init(jax.random.key(1), x[0])["params"]
         >>> def loss(params, x, y):  # one environment's loss
         ...     return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
-        >>> step = jax.jit(gj.factored_value_and_grad(loss, gradand.AndMask(threshold=0.75)))
-        >>> (mean_loss, info), grads = step(params, x, y)
-        >>> slow = gj.value_and_grad(loss, gradand.AndMask(threshold=0.75))
-        >>> all(jax.tree.leaves(jax.tree.map(
-        ...     lambda a, b: jnp.allclose(a, b, atol=1e-5), grads, slow(params, x, y)[1])))
+        >>> c = gradand.AndMask(threshold=0.75)
+        >>> losses, fast = gj.factored_statistics(loss, c, params, x, y, fallback="error")
+        >>> _, slow = gj.vectorized_statistics(loss, c, params, x, y)
+        >>> leaves = lambda t: jax.tree.leaves(t, is_leaf=lambda s: isinstance(s, gradand.Statistics))
+        >>> all(bool((a.sign_sum == b.sign_sum).all()) for a, b in zip(leaves(fast), leaves(slow)))
         True
     """
     if not callable(loss_fn):
@@ -384,143 +336,117 @@ def factored_value_and_grad(
     check_nan_policy(nan_policy)
     if not isinstance(has_aux, bool):
         raise TypeError(f"has_aux must be True or False; got {has_aux!r}")
-    if fallback not in ("vmap", "error"):
-        raise ValueError(f"fallback must be 'vmap' or 'error'; got {fallback!r}")
-    outer_ok = set(combiner.statistics) <= gradand.OUTER_STATISTICS
-
-    @functools.wraps(loss_fn)
-    def factored(*args: Any, **kwargs: Any) -> tuple[tuple[jax.Array, GradInfo], PyTree]:
-        if not args:
-            raise ValueError("the function takes (params, *batch): got no positional arguments")
-        if len(args) < 2:
-            raise ValueError(
-                "no batch given: pass the per-environment batch after params, with the environments "
-                "stacked on axis 0, e.g. step(params, (x, y)) with x of shape (E, examples_per_env, ...)"
-            )
-        axes = _resolve_in_axes(None, len(args), (0,))
-        _check_params(args[0], 0)
-        envs = _environment_count(axes, args)
-        params = args[0]
-        args = _map_mapped(lambda ax, x: jnp.asarray(x), axes, args)
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        leaves = [jnp.asarray(leaf) for leaf in leaves]
-        seen: set[int] = set()
-        for i, v in enumerate(leaves):  # one object per leaf: the layers' leaves are found by identity
-            if id(v) in seen:
-                leaves[i] = jnp.array(v, copy=True)
-            seen.add(id(leaves[i]))
-        names = _leaf_names(params)
-        rest = args[1:]
-        rest_axes = axes[1:]
-
-        def call(p: Any, *a: Any) -> tuple[Any, Any]:
-            out = loss_fn(p, *a, **kwargs)
-            if has_aux:
-                if not (isinstance(out, tuple) and len(out) == 2):
-                    raise TypeError(
-                        f"has_aux=True: loss_fn must return (loss, aux); got {type(out).__name__}"
-                    )
-                return out
-            return out, None
-
-        # 1. Discovery: trace one environment's loss, recording the supported layer calls, with
-        #    the leaves they use replaced by stand-ins so that any other use of a leaf shows up.
-        one = jax.tree.map(
-            lambda ax, a: (
-                None if ax is None else jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), a)
-            ),
-            rest_axes,
-            rest,
-            is_leaf=_is_none,
+    if fallback not in ("vectorized", "error"):
+        raise ValueError(f"fallback must be 'vectorized' or 'error'; got {fallback!r}")
+    check_chunk_size(chunk_size)
+    check_loss_scale(loss_scale)
+    kwargs = {} if kwargs is None else kwargs
+    if not batch:
+        raise ValueError(
+            "no batch given: pass the per-environment batch after params, with the environments "
+            "stacked on axis 0, e.g. step(params, (x, y)) with x of shape (E, examples_per_env, ...)"
         )
-        discovery: list[_Trace] = []
+    args = (params, *batch)
+    axes = _resolve_in_axes(None, len(args), (0,))
+    _check_params(params, 0)
+    envs = _environment_count(axes, args)
+    args = _map_mapped(lambda ax, x: jnp.asarray(x), axes, args)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    seen: set[int] = set()
+    for i, v in enumerate(leaves):  # one object per leaf: the layers' leaves are found by identity
+        if id(v) in seen:
+            leaves[i] = jnp.array(v, copy=True)
+        seen.add(id(leaves[i]))
+    names = _leaf_names(params)
+    rest = args[1:]
+    rest_axes = axes[1:]
+    call = scaled_loss(functools.partial(loss_fn, **kwargs), has_aux, loss_scale)
 
-        def discover(lv: list, slots: list, batch: tuple) -> Any:
-            trace = _Trace({id(v): i for i, v in enumerate(lv)}, slots=slots)
-            discovery.append(trace)
-            a = tuple(r if ax is None else b for ax, r, b in zip(rest_axes, rest, batch, strict=True))
-            with _active(trace):
-                loss, _ = call(jax.tree_util.tree_unflatten(treedef, lv), *a)
-            return loss
+    # 1. Discovery: trace one environment's loss, recording the supported layer calls, with
+    #    the leaves they use replaced by stand-ins so that any other use of a leaf shows up.
+    one = jax.tree.map(
+        lambda ax, a: (
+            None if ax is None else jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), a)
+        ),
+        rest_axes,
+        rest,
+        is_leaf=_is_none,
+    )
+    discovery: list[_Trace] = []
 
-        abstract = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in leaves]
-        batch_sds = tuple(None if ax is None else b for ax, b in zip(rest_axes, one))
-        closed = jax.make_jaxpr(discover)(abstract, abstract, batch_sds)
-        records = discovery[-1].records
-        n_leaves = len(leaves)
-        used = _uses(closed.jaxpr)
-        direct = [v in used for v in closed.jaxpr.invars[:n_leaves]]
-        role: dict[int, set[str]] = {}
-        for r in records:
-            if r.kernel is not None:
-                role.setdefault(r.kernel, set()).add("kernel")
-            if r.bias is not None:
-                role.setdefault(r.bias, set()).add("bias")
-        covered = {i for i, kinds in role.items() if len(kinds) == 1 and not direct[i]}
-        uncovered = [i for i in range(n_leaves) if i not in covered]
-        if uncovered and fallback == "error":
-            listed = [f"{names[i]} {tuple(leaves[i].shape)}" for i in uncovered]
-            raise ValueError(
-                f"factored_value_and_grad factors the kernels and biases of {list(FACTORED_LAYERS)} "
-                f"used nowhere else; these leaves of params are not: {listed}. Pass fallback='vmap' "
-                f"(per-environment gradients for them) or use gj.value_and_grad"
-            )
-        active = [(r.kernel in covered) or (r.bias is not None and r.bias in covered) for r in records]
+    def discover(lv: list, slots: list, batch: tuple) -> Any:
+        trace = _Trace({id(v): i for i, v in enumerate(lv)}, slots=slots)
+        discovery.append(trace)
+        a = tuple(r if ax is None else b for ax, r, b in zip(rest_axes, rest, batch, strict=True))
+        with _active(trace):
+            loss, _ = call(jax.tree_util.tree_unflatten(treedef, lv), *a)
+        return loss
 
-        # 2. One batched pass: per-environment losses, layer inputs, output gradients (and the
-        #    per-environment gradients of the leaves that fall back).
-        def per_env(unc: list, perts: list, *a: Any) -> tuple[Any, tuple[Any, list]]:
-            lv = list(leaves)
-            for i, v in zip(uncovered, unc, strict=True):
-                lv[i] = v
-            trace = _Trace({id(v): i for i, v in enumerate(lv)}, plan=(records, active, perts))
-            with _active(trace):
-                loss, aux = call(jax.tree_util.tree_unflatten(treedef, lv), *a)
-            if trace.calls != len(records):
-                raise RuntimeError(
-                    "factored_value_and_grad: the model called its dense layers a different number "
-                    "of times in two traces of the same loss; the loss must be a pure function"
-                )
-            return loss, (aux, trace.inputs)
-
-        perts = [
-            jnp.zeros((envs, *r.y_shape), r.y_dtype) if on else None
-            for r, on in zip(records, active, strict=True)
-        ]
-        perts_in = [p for p in perts if p is not None]
-
-        def per_env_compact(unc: list, pin: list, *a: Any) -> Any:
-            it = iter(pin)
-            full = [next(it) if on else None for on in active]
-            return per_env(unc, full, *a)
-
-        batched = jax.vmap(
-            jax.value_and_grad(per_env_compact, argnums=(0, 1), has_aux=True),
-            in_axes=(None, 0, *rest_axes),
+    abstract = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in leaves]
+    batch_sds = tuple(None if ax is None else b for ax, b in zip(rest_axes, one))
+    closed = jax.make_jaxpr(discover)(abstract, abstract, batch_sds)
+    records = discovery[-1].records
+    n_leaves = len(leaves)
+    used = _uses(closed.jaxpr)
+    direct = [v in used for v in closed.jaxpr.invars[:n_leaves]]
+    role: dict[int, set[str]] = {}
+    for r in records:
+        if r.kernel is not None:
+            role.setdefault(r.kernel, set()).add("kernel")
+        if r.bias is not None:
+            role.setdefault(r.bias, set()).add("bias")
+    covered = {i for i, kinds in role.items() if len(kinds) == 1 and not direct[i]}
+    uncovered = [i for i in range(n_leaves) if i not in covered]
+    if uncovered and fallback == "error":
+        listed = [f"{names[i]} {tuple(leaves[i].shape)}" for i in uncovered]
+        raise ValueError(
+            f"the factored path factors the kernels and biases of {list(FACTORED_LAYERS)} used "
+            f"nowhere else; these leaves of params are not: {listed}. Pass fallback='vectorized' "
+            f"(per-environment gradients for them) or use method='vectorized'"
         )
-        (losses, (aux, inputs)), (unc_grads, deltas) = batched(
-            [leaves[i] for i in uncovered], perts_in, *rest
-        )
+    active = [(r.kernel in covered) or (r.bias is not None and r.bias in covered) for r in records]
 
-        # 3. Statistics per leaf: factored leaves from (X, Δ), the others from their gradients.
-        stats: list[Any] = [None] * n_leaves
-        for i, g in zip(uncovered, unc_grads, strict=True):
-            stats[i] = _stacked_statistics(g, combiner, nan_policy, names[i])
-        calls = [j for j, on in enumerate(active) if on]
-        x_of = dict(zip(calls, inputs, strict=True))
-        d_of = dict(zip(calls, deltas, strict=True))
-        for i in sorted(covered):
-            stats[i] = _factored_statistics(
-                i, records, x_of, d_of, leaves[i], envs, combiner, nan_policy, names[i], outer_ok
+    # 2. One batched pass: per-environment losses, layer inputs, output gradients (and the
+    #    per-environment gradients of the leaves that fall back).
+    def per_env(unc: list, pin: list, *a: Any) -> tuple[Any, tuple[Any, Any, list]]:
+        it = iter(pin)
+        perts = [next(it) if on else None for on in active]
+        lv = list(leaves)
+        for i, v in zip(uncovered, unc, strict=True):
+            lv[i] = v
+        trace = _Trace({id(v): i for i, v in enumerate(lv)}, plan=(records, active, perts))
+        with _active(trace):
+            scaled, (loss, aux) = call(jax.tree_util.tree_unflatten(treedef, lv), *a)
+        if trace.calls != len(records):
+            raise RuntimeError(
+                "the factored path: the model called its dense layers a different number of times "
+                "in two traces of the same loss; the loss must be a pure function"
             )
+        return scaled, (loss, aux, trace.inputs)
 
-        acc = jnp.promote_types(losses.dtype, jnp.float32)
-        loss = (jnp.sum(losses, dtype=acc) / envs).astype(losses.dtype)
-        tree = jax.tree_util.tree_unflatten(treedef, stats)
-        grads, info = finalize(tree, combiner, return_info=True)
-        return (loss, GradInfo(losses, info.survivor_fraction, info.agreement, aux)), grads
+    perts_in = [jnp.zeros((envs, *r.y_shape), r.y_dtype) for r, on in zip(records, active) if on]
+    batched = jax.vmap(
+        jax.value_and_grad(per_env, argnums=(0, 1), has_aux=True), in_axes=(None, 0, *rest_axes)
+    )
+    (_, (losses, aux, inputs)), (unc_grads, deltas) = batched([leaves[i] for i in uncovered], perts_in, *rest)
 
-    return factored
+    # 3. Statistics per leaf: factored leaves from (X, Δ) by the core, the others from their gradients.
+    stats: list[Any] = [None] * n_leaves
+    if uncovered:
+        partial = dict(zip(uncovered, unc_grads))  # the params tree with only those leaves (names)
+        tree = jax.tree_util.tree_unflatten(treedef, [partial.get(i) for i in range(n_leaves)])
+        fell_back = unscaled_statistics(tree, combiner, loss_scale, nan_policy)
+        for i, s in zip(uncovered, jax.tree_util.tree_leaves(fell_back, is_leaf=_is_stats), strict=True):
+            stats[i] = s
+    calls = [j for j, on in enumerate(active) if on]
+    x_of = dict(zip(calls, inputs, strict=True))
+    d_of = dict(zip(calls, deltas, strict=True))
+    for i in sorted(covered):
+        stats[i] = _factored_leaf(
+            i, records, x_of, d_of, leaves[i], envs, combiner, nan_policy, names[i], chunk_size, loss_scale
+        )
+    return ((losses, aux) if has_aux else losses), jax.tree_util.tree_unflatten(treedef, stats)
 
 
 def _rows(a: jax.Array, envs: int) -> jax.Array:
@@ -528,7 +454,7 @@ def _rows(a: jax.Array, envs: int) -> jax.Array:
     return a.reshape(envs, -1, a.shape[-1])
 
 
-def _factored_statistics(
+def _factored_leaf(
     i: int,
     records: list[_Record],
     x_of: dict[int, jax.Array],
@@ -538,43 +464,43 @@ def _factored_statistics(
     combiner: Combiner,
     policy: str,
     name: str,
-    outer_ok: bool,
+    chunk_size: int | None,
+    loss_scale: float | None,
 ) -> Statistics:
-    kernel_calls = [j for j, r in enumerate(records) if r.kernel == i]
-    bias_calls = [j for j, r in enumerate(records) if r.bias == i]
+    """Hand the layer calls' ``X`` and ``Δ`` of leaf ``i`` to the core's :func:`gradand.layer_statistics`."""
     acc = jnp.promote_types(leaf.dtype, jnp.float32)
-    if bias_calls:  # the bias gradient of an environment: Σ over its rows of Δ
-        g = sum(jnp.sum(_rows(d_of[j], envs).astype(acc), axis=1) for j in bias_calls)
-        return _stacked_statistics(g.astype(leaf.dtype), combiner, policy, name)
-    xs = [_rows(x_of[j], envs).astype(acc) for j in kernel_calls]
-    ds = [_rows(d_of[j], envs).astype(acc) for j in kernel_calls]
-    x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)
-    d = ds[0] if len(ds) == 1 else jnp.concatenate(ds, axis=1)
-    if outer_ok and x.shape[1] == 1 and leaf.dtype == acc:
-        s = _outer(x[:, 0], d[:, 0], combiner, policy, name)
-        return s
-
-    def chunk_statistics(x: jax.Array, d: jax.Array, policy: str = policy) -> Statistics:
-        g = jnp.einsum("eri,ero->eio", x, d, preferred_element_type=acc)
-        return _stacked_statistics(g.astype(leaf.dtype), combiner, policy, name)
-
-    size = _chunk_size(leaf, envs)
-    if size >= envs or not _is_traced(x):
-        return chunk_statistics(x, d)
-    # In chunks of environments that keep the per-environment gradients in cache: the
-    # batched product writes them and the statistics read them back from there.
-    n_chunks, head = envs // size, (envs // size) * size
-    split = functools.partial(lambda a: a[:head].reshape(n_chunks, size, *a.shape[1:]))
-    shapes = jax.eval_shape(functools.partial(chunk_statistics, policy="propagate"), x[:size], d[:size])
-    zero = jax.tree.map(jnp.zeros_like, shapes)
-
-    def body(carry: Statistics, xd: tuple[jax.Array, jax.Array]) -> tuple[Statistics, None]:
-        return gradand.merge(carry, chunk_statistics(*xd)), None
-
-    stats, _ = jax.lax.scan(body, zero, (split(x), split(d)))
-    if head < envs:
-        stats = gradand.merge(stats, chunk_statistics(x[head:], d[head:]))
-    return stats
+    factors = [
+        gradand.LayerFactors(
+            None if r.bias == i else _rows(x_of[j], envs).astype(acc), _rows(d_of[j], envs).astype(acc)
+        )
+        for j, r in enumerate(records)
+        if i in (r.kernel, r.bias)
+    ]
+    if policy == "checkify":
+        for f in factors:
+            if f.inputs is not None:
+                _check_finite(f.inputs, f"{name} (layer inputs)")
+            _check_finite(f.deltas, f"{name} (output gradients)")
+        policy = "propagate"
+    if (
+        chunk_size is None
+        and jax.default_backend() == "cpu"
+        and not (len(factors) == 1 and factors[0].deltas.shape[1] == 1)
+    ):
+        chunk_size = _chunk_size(leaf, envs)
+    elif chunk_size is None:
+        chunk_size = envs  # the outer-product path: one product
+    s = gradand.layer_statistics(
+        factors,
+        combiner,
+        shape=leaf.shape,
+        layout="in_out",
+        chunk_size=chunk_size,
+        scale=loss_scale,
+        nan_policy=policy,
+        name=name,
+    )
+    return s.replace(dtype=leaf.dtype)
 
 
 #: Bytes of per-environment kernel gradients per chunk on CPU: small enough that the batched
@@ -585,6 +511,8 @@ _CHUNK_BYTES = 2 * 1024 * 1024
 
 
 def _chunk_size(leaf: jax.Array, envs: int) -> int:
-    if jax.default_backend() != "cpu":  # accelerators: one batched product, no cache to fit
+    """Environments per batched product: on CPU, chunks whose gradients stay in cache (the product
+    writes them and the statistics read them back from there); on accelerators, all at once."""
+    if jax.default_backend() != "cpu":
         return envs
     return max(1, _CHUNK_BYTES // max(1, leaf.size * 4))

@@ -19,11 +19,9 @@ from jax.experimental import checkify
 
 import gradand
 from gradand import Combiner, Statistics
+from gradand.backends.jax._all_reduce import AxisName, PyTree, all_reduce_statistics
 
 __all__ = ["NAN_POLICIES", "TreeInfo", "combine", "finalize", "statistics"]
-
-PyTree = Any
-AxisName = Any  # a collective axis name (str), or a tuple of them
 
 #: The core's policies plus ``"checkify"`` (a ``checkify.check`` per leaf).
 NAN_POLICIES = ("raise", "propagate", "zero", "checkify")
@@ -182,65 +180,6 @@ def statistics(
     return jax.tree_util.tree_unflatten(treedef, stats)
 
 
-def psum_statistics(stats: PyTree, axis_name: AxisName) -> PyTree:
-    """Merge a pytree of statistics over the collective axis ``axis_name`` (``lax.psum`` rounds).
-
-    The core's :func:`gradand.all_reduce_statistics` with ``lax.psum`` as the
-    SUM; the total count is static (the local count times the axis size), so
-    the threshold test stays exact on integers.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(stats, is_leaf=_is_stats)
-    if not leaves:
-        return stats
-    counts = {s.count for s in leaves if isinstance(s.count, int)}
-    total = None
-    if len(counts) == 1 and all(isinstance(s.count, int) for s in leaves):
-        total = _static_total(counts.pop(), axis_name)
-    reduced = gradand.all_reduce_statistics(
-        leaves, lambda arrays: jax.lax.psum(list(arrays), axis_name), total_count=total
-    )
-    return jax.tree_util.tree_unflatten(treedef, reduced)
-
-
-def _static_total(local: int, axis_name: AxisName) -> Any:
-    """``local`` times the size of the named axes: a Python int when JAX knows the sizes statically."""
-    try:
-        return local * int(jax.lax.psum(1, axis_name))
-    except Exception:  # sizes not static here: a traced total (exact up to 2**24 environments)
-        return jax.lax.psum(local, axis_name)
-
-
-def _varying_axes(x: Any) -> frozenset:
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    return frozenset(vma)
-
-
-def make_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
-    """Mark ``tree`` device-varying along ``axis_name`` inside ``shard_map``.
-
-    Inside ``shard_map`` the gradient with respect to a replicated (invariant)
-    value is summed over the devices automatically; gradients taken with
-    respect to a device-varying copy stay each device's own, which is what
-    the per-device statistics need. Outside ``shard_map`` (``pmap``, ``vmap``)
-    nothing is summed and ``tree`` is returned as it is.
-    """
-    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-
-    def leaf(x: Any) -> Any:
-        missing = tuple(n for n in names if n not in _varying_axes(x))
-        if not missing:
-            return x
-        try:
-            return jax.lax.pcast(x, missing, to="varying")
-        except ValueError:  # a vmap axis name: not a device axis, no implicit sum to avoid
-            return x
-
-    return jax.tree.map(leaf, tree)
-
-
 def merge_trees(a: PyTree, b: PyTree) -> PyTree:
     """Leaf-wise :func:`gradand.merge` of two pytrees of statistics."""
     return jax.tree.map(gradand.merge, a, b, is_leaf=_is_stats)
@@ -280,7 +219,7 @@ def finalize(
     """
     check_combiner(combiner)
     if axis_name is not None:
-        stats = psum_statistics(stats, axis_name)
+        stats = all_reduce_statistics(stats, axis_name)
     leaves, treedef = jax.tree_util.tree_flatten(stats, is_leaf=_is_stats)
     bad = next((x for x in leaves if not _is_stats(x)), None)
     if bad is not None or not leaves:
