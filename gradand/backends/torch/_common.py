@@ -184,13 +184,14 @@ def poison_if_nonfinite(update: torch.Tensor, stats: gradand.Statistics) -> torc
     return torch.where(bad, torch.full_like(update, float("nan")), update)
 
 
-def accumulate_grad(param: torch.Tensor, update: torch.Tensor) -> None:
-    """Add ``update`` into ``param.grad`` (or set it), like ``loss.backward()`` does."""
-    update = update.detach().to(dtype=param.dtype, device=param.device)
+def accumulate_grad(param: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """Add ``update`` into ``param.grad`` (or set it), like ``loss.backward()`` does; returns it as added."""
+    update = update.detach().to(dtype=param.dtype, device=param.device).reshape(param.shape)
     if param.grad is None:
-        param.grad = update.reshape(param.shape).contiguous()
+        param.grad = update.contiguous()
     else:
-        param.grad.add_(update.reshape(param.shape))
+        param.grad.add_(update)
+    return update
 
 
 def detach_info(info: gradand.MaskInfo) -> gradand.MaskInfo:

@@ -78,7 +78,6 @@ def finalize_gradients(
     for i, update, info in zip(present, updates, found):
         if scale is not None:
             update = poison_if_nonfinite(update * scale, stats[i])
-        accumulate_grad(param_list[i], update)
-        grads[i] = update.detach().to(param_list[i].dtype).reshape(param_list[i].shape)
+        grads[i] = accumulate_grad(param_list[i], update)
         infos[i] = detach_info(info)
     return grads, infos
