@@ -4,7 +4,7 @@ Every environment shares one mechanism (two interleaved spirals, the first 2
 input dimensions) and adds its own shortcut (a label-encoding direction in the
 other dimensions, different in each environment; noise at test time). The
 step records one loss per environment on a persistent ``tf.GradientTape``;
-``combined_gradients`` turns them into one gradient per variable, which the
+``gradient`` turns them into one gradient per variable, which the
 optimizer applies as usual. Averaging (``Mean``, the logical OR) learns the
 shortcuts; the AND-mask keeps the directions on which all environments agree.
 
@@ -53,11 +53,11 @@ def train(combiner: gradand.Combiner, data, args: argparse.Namespace) -> dict[st
             losses = [
                 bce(y[e], model(x[e], training=True)) for e in range(n_envs)
             ]  # one loss per environment
-        grads, info = gtf.combined_gradients(tape, losses, model.trainable_variables, combiner)
+        grads, result = gtf.gradient(tape, losses, model.trainable_variables, combiner)
         # L2 weight decay added to the combined gradient (as the reference code does)
         grads = [g + args.weight_decay * v for g, v in zip(grads, model.trainable_variables)]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return tf.add_n(losses) / n_envs, gtf.CombinedGradients(grads, info).summary().survivor_fraction
+        return result.loss, result.summary.survivor_fraction
 
     start = time.perf_counter()
     for _ in range(args.steps):

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None, strategy: tf.distribute.Strategy | None 
     )
     print(f"fit:         max |mirrored - single| over the weights = {fit_gap:.2e}")
 
-    # 2. A custom loop: combined_gradients all-reduces the statistics inside strategy.run.
+    # 2. A custom loop: gtf.gradient all-reduces the statistics inside strategy.run.
     def custom_loop(strategy: tf.distribute.Strategy) -> list[tf.Variable]:
         with strategy.scope():
             keras.utils.set_random_seed(args.seed)
@@ -108,13 +108,13 @@ def main(argv: list[str] | None = None, strategy: tf.distribute.Strategy | None 
             optimizer.build(net.trainable_variables)  # create the slots under the scope, not inside the step
 
         # Inside strategy.run a keras.losses.Loss divides each loss by the number of replicas
-        # (TensorFlow's convention); combined_gradients expects exactly that (see loss_scale).
+        # (TensorFlow's convention); gtf.gradient expects exactly that (see loss_scale).
         bce = keras.losses.BinaryCrossentropy(from_logits=True)
 
         def replica_step(x, y):  # this replica's environments: (E / replicas, batch, ...)
             with tf.GradientTape(persistent=True) as tape:
                 losses = [bce(y[e], net(x[e], training=True)) for e in range(x.shape[0])]
-            grads, _ = gtf.combined_gradients(tape, losses, net.trainable_variables, combiner)
+            grads, _ = gtf.gradient(tape, losses, net.trainable_variables, combiner)
             optimizer.apply_gradients(zip(grads, net.trainable_variables))
 
         step = tf.function(lambda batch: strategy.run(replica_step, args=batch))

@@ -83,9 +83,7 @@ def variants(x: tf.Tensor, y: tf.Tensor, hidden: int, layers: int) -> dict[str, 
         def step() -> tf.Tensor:
             with tf.GradientTape(persistent=True) as tape:
                 losses = [env_loss(model, x[e], y[e]) for e in range(n_envs)]
-            grads, _ = gtf.combined_gradients(
-                tape, losses, model.trainable_variables, combiner, method=method
-            )
+            grads, _ = gtf.gradient(tape, losses, model.trainable_variables, combiner, method=method)
             opt.apply_gradients(zip(grads, model.trainable_variables))
             return losses[0]
 
@@ -98,7 +96,9 @@ def variants(x: tf.Tensor, y: tf.Tensor, hidden: int, layers: int) -> dict[str, 
 
         @tf.function(jit_compile=jit)
         def step() -> tf.Tensor:
-            stats = gtf.vectorized_statistics(lambda a, b: env_loss(model, a, b), variables, (x, y), combiner)
+            _, stats = gtf.vectorized_statistics(
+                lambda a, b: env_loss(model, a, b), variables, (x, y), combiner
+            )
             grads, _ = gtf.finalize_gradients(stats, combiner)
             opt.apply_gradients(zip(grads, variables))
             return grads[0]
@@ -122,14 +122,14 @@ def variants(x: tf.Tensor, y: tf.Tensor, hidden: int, layers: int) -> dict[str, 
         "baseline: mean loss, one backward (tf.function)": baseline(),
         "baseline, XLA": baseline(jit=True),
         "TemporalAndMask optimizer on the baseline step": baseline(optimizer="temporal"),
-        "Mean() via combined_gradients, loop": combined(gradand.Mean(), "loop"),
-        "AndMask(1.0), loop": combined(and_mask, "loop"),
-        "AndMask(1.0), loop, XLA": combined(and_mask, "loop", jit=True),
+        "Mean() via gtf.gradient, streaming": combined(gradand.Mean(), "streaming"),
+        "AndMask(1.0), loop": combined(and_mask, "streaming"),
+        "AndMask(1.0), loop, XLA": combined(and_mask, "streaming", jit=True),
         "AndMask(1.0), vectorized (tape.jacobian)": combined(and_mask, "vectorized"),
         "AndMask(1.0), vectorized_statistics (vectorized_map)": vmapped(and_mask),
         "AndMask(1.0), vectorized_statistics, XLA": vmapped(and_mask, jit=True),
-        "GeometricMean(1.0), loop": combined(gradand.GeometricMean(1.0), "loop"),
-        "SandMask(0.5, k=10), loop": combined(gradand.SandMask(0.5, k=10.0), "loop"),
+        "GeometricMean(1.0), loop": combined(gradand.GeometricMean(1.0), "streaming"),
+        "SandMask(0.5, k=10), loop": combined(gradand.SandMask(0.5, k=10.0), "streaming"),
         "Keras train_on_batch, plain model": keras_fit_step(False),
         "Keras train_on_batch, EnvironmentModel(AndMask(1.0))": keras_fit_step(True),
     }

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - exercised only without tensorflow
     tf = keras = None
 
 from gradand._combiners import Combiner, Mean
+from gradand._result import summarize
 from gradand.experiments._report import progress
 from gradand.experiments._schedule import schedule as epoch_schedule
 
@@ -168,7 +169,7 @@ def train_classifier(
 
     with tf.device(dev):
         variables = model.trainable_variables
-        sizes = [float(np.prod(v.shape)) for v in variables]
+        sizes = [int(np.prod(v.shape)) for v in variables]
         if lr_milestone is None:
             rate: Any = lr
         else:
@@ -199,11 +200,12 @@ def train_classifier(
 
         @tf.function(reduce_retracing=True)
         def step_combined(xb: Any, yb: Any) -> Any:
-            stats = gtf.vectorized_statistics(env_loss, variables, (xb, yb), combiner, nan_policy="propagate")
+            _, stats = gtf.vectorized_statistics(
+                env_loss, variables, (xb, yb), combiner, nan_policy="propagate"
+            )
             grads, infos = gtf.finalize_gradients(stats, combiner)
             finish(list(grads))
-            kept = tf.add_n([tf.cast(i.survivor_fraction, tf.float32) * n for i, n in zip(infos, sizes)])
-            return kept / sum(sizes)
+            return summarize(infos, sizes).survivor_fraction
 
         @tf.function(reduce_retracing=True)
         def predict(x: Any) -> Any:
@@ -268,7 +270,7 @@ def train_patchwork(
     weight_decay: float = 0.01,
     device: str = "cpu",
 ) -> Any:
-    """The patchwork regression through :func:`gradand.backends.tensorflow.combined_gradients` (float64).
+    """The patchwork regression through :func:`gradand.backends.tensorflow.gradient` (float64).
 
     Example:
         >>> import gradand
@@ -294,7 +296,7 @@ def train_patchwork(
         def step() -> Any:
             with tf.GradientTape(persistent=True) as tape:
                 losses = [0.5 * (tf.tensordot(x[i], w, 1) - y[i]) ** 2 for i in range(len(env))]
-            grads, _ = gtf.combined_gradients(tape, losses, [w], combiner, nan_policy="propagate")
+            grads, _ = gtf.gradient(tape, losses, [w], combiner, nan_policy="propagate")
             w.assign_sub(rate * (grads[0] + weight_decay * w))
             rate.assign(rate * lr_decay)
             return w.read_value()
