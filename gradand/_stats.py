@@ -304,15 +304,18 @@ def _merge2(a: Statistics, b: Statistics) -> Statistics:
 
 
 def sign_votes(g: Any, xp: Any, *, axis: int | None, maybe_nan: bool) -> Any:
-    """``Σ sign(g)`` over ``axis`` (or ``sign(g)`` for ``axis=None``) as exact int32 votes; NaN votes 0."""
+    """``Σ sign(g)`` over ``axis`` (or ``sign(g)`` for ``axis=None``) as exact int32 votes; NaN votes 0.
+
+    A NaN gradient casts no vote — on every path: its sign is cleared before
+    the sum, so the other environments' votes on that component still count.
+    """
     s = xp.sign(g)
+    if maybe_nan:  # sign(NaN) is NaN, which has no integer value
+        s = xp.where(s == s, s, xp.zeros_like(s))
     if axis is not None:
-        if g.shape[axis] > _EXACT_FLOAT_SIGN_SUM:
-            s = xp.where(s == s, s, xp.zeros_like(s)) if maybe_nan else s
+        if g.shape[axis] > _EXACT_FLOAT_SIGN_SUM:  # a float32 sum is no longer exact: sum integers
             return xp.sum(xp.astype(s, xp.int32), axis=axis, dtype=xp.int32)
         s = xp.sum(s, axis=axis)
-    if maybe_nan:  # sign(NaN) is NaN, and a NaN sum has no integer value: no vote
-        s = xp.where(s == s, s, xp.zeros_like(s))
     return xp.astype(s, xp.int32)
 
 
@@ -408,9 +411,7 @@ def statistics(
 def check_axis(axis: Any, ndim: int, shape: tuple[int, ...], name: str = "axis") -> int:
     """``axis`` as a non-negative int (numpy integers accepted); a clear error naming it otherwise."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an int (the environment axis); got {axis!r} ({type(axis).__name__})"
-        )
+        raise TypeError(f"{name} must be an int (the environment axis); got {axis!r} ({type(axis).__name__})")
     axis = operator.index(axis)
     if not -ndim <= axis < ndim:
         raise ValueError(

@@ -110,7 +110,7 @@ def test_a_non_finite_gradient_propagates_to_its_component_on_every_path(
 
 def test_the_issue_example_propagates_nan_instead_of_zero():
     out = gradand.combine(np.array([[1.0, 2.0], [np.nan, 1.0]]), gradand.AndMask(0.5), nan_policy="propagate")
-    assert np.isnan(out[0]) and out[1] == 3.0
+    assert np.isnan(out[0]) and out[1] == 1.5  # the NaN casts no vote: 1 of 2 agree, kept, mean NaN
 
 
 def test_agreement_propagates_nan_and_zero_policy_drops_the_vote():
