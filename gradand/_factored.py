@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 from gradand._combiners import Combiner
-from gradand._namespace import NanPolicy, apply_nan_policy, array_namespace, check_nan_policy
+from gradand._namespace import (
+    NanPolicy,
+    accumulation_dtype,
+    apply_nan_policy,
+    array_namespace,
+    check_nan_policy,
+)
 from gradand._outer import OUTER_STATISTICS, outer_statistics
 from gradand._stats import Statistics, statistics
 
@@ -198,20 +204,27 @@ def _statistics(
         sl = slice(start, min(start + chunk_size, envs))
         if outer:
             x, d = first.inputs[sl, 0, :], first.deltas[sl, 0, :]
-            if scale is not None:
-                d = d / scale
+            dtype = d.dtype
+            if scale is not None:  # unscaled in the accumulation dtype: no float16 underflow
+                d = xp.astype(d, accumulation_dtype(d.dtype, xp)) / scale
             part = outer_statistics(x, d, combiner, nan_policy=policy, xp=xp)
+            if part.dtype != dtype:
+                part = part.replace(dtype=dtype)
             if layout == "in_out" or shape != tuple(part.shape):
                 part = _reshaped(part, layout, shape, xp)
         else:
             g = _gradients(factors, sl, layout, xp)
+            dtype = g.dtype  # the update comes back in the gradients' dtype
             if scale is not None:
-                g = g / scale
+                g = xp.astype(g, accumulation_dtype(g.dtype, xp)) / scale
             g = xp.reshape(g, (g.shape[0], *shape))
             part = statistics(g, combiner, axis=0, nan_policy=policy, xp=xp)
+            if part.dtype != dtype:
+                part = part.replace(dtype=dtype)
         out = out + part
     if nan_policy == "raise" and out.mean is not None:
-        apply_nan_policy(out.mean, xp, "raise", "a per-environment gradient")
+        # the checked mean is kept: in a traced graph (tf.function) the check is on the data path
+        out = out.replace(mean=apply_nan_policy(out.mean, xp, "raise", "a per-environment gradient"))
     return out
 
 
