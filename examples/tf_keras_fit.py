@@ -23,7 +23,7 @@ import argparse
 import keras
 
 import gradand
-import gradand.backends.tensorflow as gtf
+from gradand.backends import tensorflow as gtf
 from gradand.experiments.spirals import make_spirals
 
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None, strategy: tf.distribute.Strategy | None 
     import keras
 
     import gradand
-    import gradand.backends.tensorflow as gtf
+    from gradand.backends import tensorflow as gtf
     from gradand.experiments.spirals import make_spirals
 
     data = make_spirals(

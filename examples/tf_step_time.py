@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 import gradand
-import gradand.backends.tensorflow as gtf
+from gradand.backends import tensorflow as gtf
 from gradand.experiments.spirals import make_spirals
 
 
