@@ -91,6 +91,9 @@ def _gradients(factors: Sequence[LayerFactors], sl: slice, layout: Layout, xp: A
             gi = xp.sum(d, axis=1)
         else:
             x = f.inputs[sl, ...]
+            if x.dtype != d.dtype:  # e.g. bfloat16 inputs recorded under autocast, float32 deltas
+                common = xp.result_type(x.dtype, d.dtype)
+                x, d = xp.astype(x, common), xp.astype(d, common)
             if layout == "in_out":
                 gi = xp.matrix_transpose(x) @ d
             elif x.shape[-1] < d.shape[-1]:  # narrow inputs: the (in, out) product is faster on CPUs
@@ -205,6 +208,8 @@ def _statistics(
         if outer:
             x, d = first.inputs[sl, 0, :], first.deltas[sl, 0, :]
             dtype = d.dtype
+            if x.dtype != d.dtype:
+                x = xp.astype(x, xp.result_type(x.dtype, d.dtype))
             if scale is not None:  # unscaled in the accumulation dtype: no float16 underflow
                 d = xp.astype(d, accumulation_dtype(d.dtype, xp)) / scale
             part = outer_statistics(x, d, combiner, nan_policy=policy, xp=xp)

@@ -150,3 +150,15 @@ def test_a_non_finite_delta_is_reported_with_the_parameter_name_or_propagated():
 def test_bad_factors_are_refused_by_name(factors, kwargs, match):
     with pytest.raises(ValueError, match=match):
         gradand.layer_statistics(factors, gradand.AndMask(), shape=(2,), name="w", **kwargs)
+
+
+def test_factors_of_mixed_precision_are_combined_in_the_wider_dtype():
+    rng = np.random.default_rng(1)
+    x, d = rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 4, 2))
+    c = gradand.AndMask(0.5)
+    mixed = gradand.layer_statistics(
+        [gradand.LayerFactors(x.astype(np.float16), d.astype(np.float32))], c, shape=(2, 5)
+    )
+    want = gradand.statistics(np.swapaxes(d, 1, 2) @ x.astype(np.float16).astype(np.float64), c)
+    assert mixed.dtype == np.float32
+    np.testing.assert_allclose(mixed.mean, want.mean, rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -132,3 +133,75 @@ def test_the_distributed_option_with_one_rank_equals_one_process(tmp_path):
 def test_the_result_is_the_one_core_type():
     _, result = _run_losses_form(SCENARIOS[0])
     assert type(result) is gradand.Result
+
+
+def test_factored_path_with_only_the_forward_under_autocast_matches_vectorized():
+    s = Scenario("grouped-and1", (6, 6, 6, 6))
+    data = s.data()
+    x, y = data.stacked()
+
+    class Autocast(torch.nn.Module):  # what accelerate.prepare(mixed_precision="bf16") does
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.inner(inputs).float()
+
+    grads = {}
+    for method in ("vectorized", "factored"):
+        m = _model(data).float()
+        gt.model_backward(
+            Autocast(m),
+            _mse,
+            torch.as_tensor(x).float(),
+            torch.as_tensor(y).float(),
+            COMBINERS[s.combiner],
+            method=method,
+        )
+        grads[method] = m.weight.grad
+    torch.testing.assert_close(grads["factored"], grads["vectorized"], rtol=2e-2, atol=2e-2)
+
+
+def test_a_fresh_grad_scaler_can_step_after_model_backward():
+    s = Scenario("grouped-and1", (6, 6, 6, 6))
+    data = s.data()
+    m = _model(data).float()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = data.stacked()
+    result = gt.model_backward(
+        m,
+        _mse,
+        torch.as_tensor(x).float(),
+        torch.as_tensor(y).float(),
+        COMBINERS[s.combiner],
+        loss_scale=scaler,
+    )
+    scaler.step(opt)  # needs the scale gradand read: initialised by model_backward
+    scaler.update()
+    np.testing.assert_allclose(result.losses.numpy(), data.losses(), rtol=1e-4)  # reported unscaled
+
+
+def test_backward_reports_unscaled_losses_under_a_loss_scale():
+    s = Scenario("grouped-and1", (6, 6, 6, 6))
+    data = s.data()
+    m = _model(data)
+    losses = [_mse(m(torch.as_tensor(x)), torch.as_tensor(y)) for x, y in zip(data.xs, data.ys)]
+    result = gt.backward(
+        [loss * 1024.0 for loss in losses], m.parameters(), COMBINERS[s.combiner], loss_scale=1024.0
+    )
+    np.testing.assert_allclose(result.losses.numpy(), data.losses(), rtol=1e-10)
+    # .grad holds the update scaled back (what scaler.step unscales), like loss.backward() would
+    assert_updates_match(s, {k: v / 1024.0 for k, v in _grads(m).items()})
+
+
+def test_an_empty_environment_is_refused_instead_of_silently_casting_no_vote():
+    s = Scenario("grouped-and1", (6, 6, 6, 6))
+    data = s.data()
+    m = _model(data)
+    losses = [_mse(m(torch.as_tensor(x)), torch.as_tensor(y)) for x, y in zip(data.xs, data.ys)]
+    losses.append(_mse(m(torch.zeros(0, IN, dtype=torch.float64)), torch.zeros(0, OUT, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="the loss of environment 4 is nan while its gradients are finite"):
+        gt.backward(losses, m.parameters(), COMBINERS[s.combiner])

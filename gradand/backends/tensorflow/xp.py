@@ -66,6 +66,7 @@ __all__ = [
     "ones",
     "ones_like",
     "reshape",
+    "result_type",
     "sign",
     "sqrt",
     "sum",
@@ -158,6 +159,12 @@ def all(x: Any, /, *, axis: Any = None, keepdims: _builtin_bool = False) -> tf.T
     if x.dtype != tf.bool:
         x = tf.not_equal(x, tf.zeros((), x.dtype))
     return tf.reduce_all(x, axis=axis, keepdims=keepdims)
+
+
+def result_type(*dtypes: Any) -> Any:
+    """The widest of floating ``tf.DType`` s (what the core needs to combine mixed-precision factors)."""
+    floats = [tf.as_dtype(d) for d in dtypes]
+    return max(floats, key=lambda d: (d.size, d == tf.float32))
 
 
 def where(condition: Any, x1: Any, x2: Any, /) -> tf.Tensor:

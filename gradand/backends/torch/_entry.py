@@ -107,6 +107,8 @@ def backward(
     if all_reduce:
         stats = all_reduce_statistics(stats, group=group)
     _, infos = finalize_gradients(stats, params, combiner, loss_scale=loss_scale)
+    if loss_scale is not None:  # report the losses as they are, not as scaled for the backward pass
+        losses = losses / _scale_value(loss_scale)
     return _result(losses, params, infos)
 
 
@@ -189,6 +191,7 @@ def model_backward(
         (torch.Size([3]), 4, torch.Size([4, 3]))
     """
     loss_scale = pick_loss_scale(loss_scale, grad_scaler)
+    _initialise_scaler(loss_scale, model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     params = [p for _, p in trainable(model)] if isinstance(model, torch.nn.Module) else []
@@ -215,6 +218,17 @@ def model_backward(
         stats = all_reduce_statistics(stats, group=group)
     _, infos = finalize_gradients(stats, params, combiner, loss_scale=loss_scale)
     return _result(losses, params, infos)
+
+
+def _initialise_scaler(loss_scale: Any, model: torch.nn.Module) -> None:
+    """A ``GradScaler`` creates its scale on the first ``scaler.scale(...)``; ``scaler.step`` needs it.
+
+    Here gradand scales the losses itself, so it makes that first call (on the model's device).
+    """
+    if loss_scale is None or isinstance(loss_scale, (int, float)) or not loss_scale.is_enabled():
+        return
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    loss_scale.scale(torch.zeros((), device=device))
 
 
 def _scale_value(loss_scale: Any) -> float:

@@ -115,6 +115,14 @@ def streaming_statistics(
                 raise with_context(err, f"environment {e}, params[{i}] (shape {tuple(p.shape)})") from None
             stats[i] = stats[i] + s
         grads = g = s = None  # free this environment's gradients before the next backward
+        if policy == "raise" and not bool(torch.isfinite(values[-1])):
+            # finite gradients of a non-finite loss: e.g. the mean over an empty environment
+            # (x[env == e] with no example), whose zero gradient would be a silent "no vote"
+            raise ValueError(
+                f"the loss of environment {e} is {float(values[-1])} while its gradients are finite: "
+                f"an environment with no example in the batch? It would silently cast no vote; "
+                f"pass nan_policy='zero' or 'propagate' to go on anyway"
+            )
     if not values:
         raise ValueError("losses is empty: need at least one environment's loss")
     out = [s if u or zero_unused else None for s, u in zip(stats, used)]
