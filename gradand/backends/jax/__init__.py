@@ -55,12 +55,9 @@ Example:
     (3,)
 """
 
-import warnings
-from typing import Any
-
 from gradand.backends.jax._all_reduce import all_reduce_statistics
 from gradand.backends.jax._consistency import environment_hessians, environment_losses
-from gradand.backends.jax._entry import factored_value_and_grad, value_and_grad
+from gradand.backends.jax._entry import GradInfo, factored_value_and_grad, value_and_grad
 from gradand.backends.jax._factored import FACTORED_LAYERS, dense, factored_statistics
 from gradand.backends.jax._optax import (
     ReduceEnvironmentsState,
@@ -76,6 +73,7 @@ from gradand.backends.jax._tree import NAN_POLICIES, TreeInfo, combine, finalize
 __all__ = [
     "FACTORED_LAYERS",
     "NAN_POLICIES",
+    "GradInfo",
     "ReduceEnvironmentsState",
     "TemporalAndMaskState",
     "TreeInfo",
@@ -96,16 +94,3 @@ __all__ = [
     "value_and_grad",
     "vectorized_statistics",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "GradInfo":  # deprecated: value_and_grad returns gradand.Result
-        from gradand.backends.jax._entry import GradInfo
-
-        warnings.warn(
-            "gradand.backends.jax.GradInfo is deprecated; value_and_grad returns gradand.Result",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return GradInfo
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

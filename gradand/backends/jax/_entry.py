@@ -203,14 +203,15 @@ def value_and_grad(
 
 
 class GradInfo(NamedTuple):
-    """Deprecated: what ``value_and_grad`` reported before :class:`gradand.Result`.
+    """Deprecated (0.x): what ``value_and_grad`` reported before :class:`gradand.Result`.
 
-    :func:`factored_value_and_grad` (deprecated) still returns it. Fields:
+    Only :func:`factored_value_and_grad` (deprecated, it warns) still returns
+    it; use ``result.infos`` (a pytree of :class:`gradand.MaskInfo`) instead. Fields:
     ``losses`` ``(E,)``, ``survivor_fraction`` and ``agreement`` (pytrees of
     0-d float32 like the gradients), ``aux``.
 
     Example:
-        >>> from gradand.backends.jax._entry import GradInfo
+        >>> from gradand.backends.jax import GradInfo
         >>> GradInfo(losses=None, survivor_fraction={}, agreement={}, aux=None).aux is None
         True
     """

@@ -7,11 +7,11 @@ environment's loss with respect to every kernel (``vmap`` of ``grad``, which
 is what :func:`vectorized_statistics` does), :func:`factored_statistics`
 differentiates with respect to a zero *perturbation* added to each layer's
 output (flax's ``Module.perturb`` trick): one batched backward pass to the
-layer outputs gives every ``Δ_e``, and one batched matrix product per layer
-gives every environment's kernel gradient. With one example per environment
-the core's :func:`gradand.outer_statistics` gives the statistics with no
-per-example gradient array at all. Everything after the gradients (the
-statistics, the mask, the update) is the core's.
+layer outputs gives every ``Δ_e``. This module only finds the layers and
+records ``X`` and ``Δ``: the core's factored engine :func:`gradand.layer_statistics`
+turns them into statistics (``X_eᵀ Δ_e`` per chunk of environments, the
+outer-product path for one example per environment, the loss scale, the NaN
+check), and everything after (the mask, the update) is the core's too.
 
 Layers are found without model changes: every ``flax.linen.Dense`` call is
 intercepted (``flax.linen.intercept_methods``), and hand-written models call
@@ -43,7 +43,7 @@ from gradand.backends.jax._batch import (
     _resolve_in_axes,
 )
 from gradand.backends.jax._sources import check_chunk_size, check_loss_scale, scaled_loss, unscaled_statistics
-from gradand.backends.jax._tree import _is_stats, check_combiner, check_nan_policy
+from gradand.backends.jax._tree import _UNROLL_ENVIRONMENTS, _is_stats, check_combiner, check_nan_policy
 
 __all__ = ["FACTORED_LAYERS", "dense", "factored_statistics"]
 
@@ -482,14 +482,11 @@ def _factored_leaf(
                 _check_finite(f.inputs, f"{name} (layer inputs)")
             _check_finite(f.deltas, f"{name} (output gradients)")
         policy = "propagate"
-    if (
-        chunk_size is None
-        and jax.default_backend() == "cpu"
-        and not (len(factors) == 1 and factors[0].deltas.shape[1] == 1)
-    ):
-        chunk_size = _chunk_size(leaf, envs)
-    elif chunk_size is None:
-        chunk_size = envs  # the outer-product path: one product
+    if chunk_size is None:
+        one_product = any(f.inputs is None for f in factors) or (
+            len(factors) == 1 and factors[0].deltas.shape[1] == 1
+        )  # a bias, or the outer-product path
+        chunk_size = envs if one_product else _chunk_size(leaf, envs)
     s = gradand.layer_statistics(
         factors,
         combiner,
@@ -511,8 +508,12 @@ _CHUNK_BYTES = 2 * 1024 * 1024
 
 
 def _chunk_size(leaf: jax.Array, envs: int) -> int:
-    """Environments per batched product: on CPU, chunks whose gradients stay in cache (the product
-    writes them and the statistics read them back from there); on accelerators, all at once."""
+    """Environments per batched product of a kernel: all at once on accelerators. On CPU, XLA
+    reduces over a leading axis several times slower than it fuses a sum of per-environment
+    terms, so one environment per product (the engine then merges them one at a time) while the
+    trace stays short; above that, chunks whose gradients stay in cache."""
     if jax.default_backend() != "cpu":
         return envs
+    if envs <= _UNROLL_ENVIRONMENTS:
+        return 1
     return max(1, _CHUNK_BYTES // max(1, leaf.size * 4))
