@@ -108,37 +108,32 @@ def check_nan_policy(nan_policy: str) -> None:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}; got {nan_policy!r}")
 
 
-def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str, *, report: bool = False) -> Any:
+def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> Any:
     """Check or clean non-finite entries of ``x`` according to ``nan_policy``.
 
     ``"raise"`` raises ``ValueError`` when the values can be inspected (eager
-    arrays). Inside a trace (``jax.jit``, ``tf.function``) the values are not
-    known; a namespace may then supply ``gradand_check_finite`` (TensorFlow's
-    ``tf.debugging.check_numerics``), otherwise the check is skipped there and
-    a non-finite value propagates to the update (never a silent 0).
-    ``"zero"`` replaces NaN/Inf by 0 (no vote, nothing added to the sum).
-    ``"propagate"`` does nothing.
-
-    With ``report=True`` returns ``(x, verified)``, where ``verified`` says
-    that ``x`` is known to be finite (checked eagerly, or cleaned).
+    arrays): one sum first (a finite sum has no NaN/Inf term), a full look
+    only when it is not finite. Inside a trace (``jax.jit``, ``tf.function``)
+    the values are not known; a namespace may then supply
+    ``gradand_check_finite`` (TensorFlow's ``tf.debugging.check_numerics``),
+    otherwise the check is skipped there and a non-finite value propagates to
+    the update (never a silent 0). ``"zero"`` replaces NaN/Inf by 0 (no vote,
+    nothing added to the sum). ``"propagate"`` does nothing.
     """
-    out, verified = _apply_nan_policy(x, xp, nan_policy, name)
-    return (out, verified) if report else out
-
-
-def _apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> tuple[Any, bool]:
     if nan_policy == "propagate":
-        return x, False
+        return x
     if nan_policy == "zero":
-        return xp.where(xp.isfinite(x), x, xp.zeros_like(x)), True
+        return xp.where(xp.isfinite(x), x, xp.zeros_like(x))
     hook = getattr(xp, "gradand_check_finite", None)
     if hook is not None:
-        return hook(x, name), False
-    finite = xp.isfinite(x)
+        return hook(x, name)
     try:
+        if bool(xp.isfinite(xp.sum(x))):
+            return x
+        finite = xp.isfinite(x)
         ok = bool(xp.all(finite))
     except Exception:  # a tracer (jax.jit) or a symbolic tensor: values unknown here
-        return x, False
+        return x
     if not ok:
         n_bad = int(xp.sum(xp.astype(xp.logical_not(finite), x.dtype)))  # x is float32+
         size = array_api_compat.size(x)
@@ -148,4 +143,4 @@ def _apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> tuple[Any,
             f"those components (they cast no vote and add nothing), or nan_policy='propagate' "
             f"to let them through (the update is then NaN there)."
         )
-    return x, True
+    return x

@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import array_api_compat
+
 from gradand._combine import MaskInfo
 from gradand._namespace import array_namespace
 
@@ -83,20 +85,29 @@ def summarize(infos: Sequence[MaskInfo | None], sizes: Sequence[int], *, xp: Any
         return MaskInfo(xp.asarray(nan, dtype=xp.float32), xp.asarray(nan, dtype=xp.float32))
     first = pairs[0][0].survivor_fraction
     xp = array_namespace(first, xp=xp, name="infos")
-    dt = (
-        first.dtype
-        if xp.isdtype(first.dtype, "real floating") and xp.finfo(first.dtype).bits > 32
-        else xp.float32
-    )
+    wide = xp.isdtype(first.dtype, "real floating") and xp.finfo(first.dtype).bits > 32
+    dt = first.dtype if wide else xp.float32
     total = float(sum(n for _, n in pairs))
+    weights = [n / total for _, n in pairs]
     fields = []
     for k in range(2):
-        acc = None
-        for info, n in pairs:
-            term = xp.astype(info[k], dt) * (n / total)
-            acc = term if acc is None else acc + term
-        fields.append(acc)
+        values = [info[k] if info[k].dtype == dt else xp.astype(info[k], dt) for info, _ in pairs]
+        if len(values) > 1 and hasattr(xp, "stack"):  # a few ops, whatever the number of tensors
+            w = xp.asarray(weights, dtype=dt, device=_device(values[0]))
+            fields.append(xp.sum(xp.stack(values) * w))
+        else:
+            acc = None
+            for v, wi in zip(values, weights):
+                acc = v * wi if acc is None else acc + v * wi
+            fields.append(acc)
     return MaskInfo(*fields)
+
+
+def _device(x: Any) -> Any:
+    try:
+        return array_api_compat.device(x)
+    except Exception:  # a namespace array-api-compat does not know (TensorFlow): no device argument
+        return None
 
 
 def sizes_of(tensors: Sequence[Any]) -> list[int]:

@@ -135,26 +135,26 @@ class Statistics:
     eps: float | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "count", _check_count(self.count, self.is_empty))
+        # cached once: merging in a streaming loop reads these for every environment and tensor
+        fields = tuple(n for n in STATISTIC_NAMES if getattr(self, n) is not None)
+        object.__setattr__(self, "_fields", fields)
+        object.__setattr__(self, "_shape", tuple(getattr(self, fields[0]).shape) if fields else None)
+        object.__setattr__(self, "count", _check_count(self.count, not fields))
 
     @property
     def fields(self) -> tuple[str, ...]:
         """Names of the statistics present, in :data:`STATISTIC_NAMES` order."""
-        return tuple(n for n in STATISTIC_NAMES if getattr(self, n) is not None)
+        return self._fields  # type: ignore[attr-defined,no-any-return]
 
     @property
     def shape(self) -> tuple[int, ...] | None:
         """Shape of the gradient tensor (``None`` when empty)."""
-        for n in STATISTIC_NAMES:
-            a = getattr(self, n)
-            if a is not None:
-                return tuple(a.shape)
-        return None
+        return self._shape  # type: ignore[attr-defined,no-any-return]
 
     @property
     def is_empty(self) -> bool:
         """True for ``Statistics()``: no environment added yet."""
-        return not self.fields
+        return not self._fields  # type: ignore[attr-defined]
 
     def arrays(self) -> dict[str, Any]:
         """The present statistics as a dict ``name -> array``."""
@@ -303,20 +303,19 @@ def _merge2(a: Statistics, b: Statistics) -> Statistics:
     return dataclasses.replace(a, count=n, **out)
 
 
-def sign_votes(g: Any, xp: Any, *, axis: int | None, maybe_nan: bool) -> Any:
-    """``Σ sign(g)`` over ``axis`` (or ``sign(g)`` for ``axis=None``) as exact int32 votes; NaN votes 0.
+def sign_votes(g: Any, xp: Any, *, axis: int | None) -> Any:
+    """``Σ sign(g)`` over ``axis`` (or ``sign(g)`` for ``axis=None``) as exact int32 votes.
 
-    A NaN gradient casts no vote — on every path: its sign is cleared before
-    the sum, so the other environments' votes on that component still count.
+    Computed as ``(g > 0) - (g < 0)``: a zero or NaN gradient casts no vote — on every path,
+    so the other environments' votes on that component still count — with no NaN to clear,
+    and cheaper than a NaN-aware ``sign``.
     """
-    s = xp.sign(g)
-    if maybe_nan:  # sign(NaN) is NaN, which has no integer value
-        s = xp.where(s == s, s, xp.zeros_like(s))
-    if axis is not None:
-        if g.shape[axis] > _EXACT_FLOAT_SIGN_SUM:  # a float32 sum is no longer exact: sum integers
-            return xp.sum(xp.astype(s, xp.int32), axis=axis, dtype=xp.int32)
-        s = xp.sum(s, axis=axis)
-    return xp.astype(s, xp.int32)
+    up = xp.astype(g > 0, xp.int32)
+    down = xp.astype(g < 0, xp.int32)
+    votes = up - down
+    if axis is None:
+        return votes
+    return xp.sum(votes, axis=axis, dtype=xp.int32)
 
 
 def _power_of_two_at_least(n: int) -> float:
@@ -378,8 +377,7 @@ def statistics(
         if count > MAX_COUNT:
             raise ValueError(f"grads has {count} environments along axis {axis}; at most {MAX_COUNT}")
     g = grads if grads.dtype == acc else xp.astype(grads, acc)
-    g, verified = apply_nan_policy(g, xp, nan_policy, "grads", report=True)
-    maybe_nan = not verified and nan_policy != "zero"
+    g = apply_nan_policy(g, xp, nan_policy, "grads")
 
     needed = combiner.statistics
     eps = getattr(combiner, "eps", None) if "log_abs_mean" in needed else None
@@ -395,7 +393,7 @@ def statistics(
         if "mean" in needed:
             values["mean"] = mean
     if "sign_sum" in needed:
-        values["sign_sum"] = sign_votes(g, xp, axis=axis, maybe_nan=maybe_nan)
+        values["sign_sum"] = sign_votes(g, xp, axis=axis)
     if "log_abs_mean" in needed:
         logs = xp.log(xp.abs(g) + eps)
         values["log_abs_mean"] = logs if axis is None else xp.sum(logs, axis=axis) / count

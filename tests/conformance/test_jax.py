@@ -91,3 +91,17 @@ def test_bfloat16_parameters_come_back_in_bfloat16():
 def test_the_result_is_the_one_core_type():
     _, _, result = _run(SCENARIOS[0], "vectorized")
     assert type(result) is gradand.Result
+
+
+def test_an_environment_id_out_of_range_under_jit_poisons_the_update_instead_of_dropping_examples():
+    s = Scenario("ragged-and1", (3, 7, 1, 5))
+    data = s.data()
+    x, y, ids = data.flat()
+    ids = ids.copy()
+    ids[0] = s.envs  # out of range: cannot raise under jit
+    f = gj.value_and_grad(_loss, COMBINERS[s.combiner], num_envs=s.envs)
+    call = jax.jit(lambda p, i: f(p, (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)), env_ids=i))
+    (loss, _), grads = call(_params(data), jnp.asarray(ids))
+    assert not np.isfinite(np.asarray(loss)) and not np.isfinite(np.asarray(grads["kernel"])).any()
+    with pytest.raises(ValueError, match=r"env_ids must lie in \[0, num_envs=4\)"):
+        f(_params(data), (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)), env_ids=jnp.asarray(ids))

@@ -171,7 +171,7 @@ def check_env_ids(env_ids: Any, num_envs: int | None, n_examples: int) -> jax.Ar
             raise ValueError(
                 f"environments {empty.tolist()} of num_envs={num_envs} have no example in env_ids; "
                 f"every environment needs at least one (under jit an empty environment is left out "
-                f"of the count and its loss is NaN)"
+                f"of the count and its loss is NaN; an id out of range makes the losses and update NaN)"
             )
     return ids.astype(jnp.int32)
 
@@ -182,12 +182,18 @@ def environment_sizes(ids: jax.Array, num_envs: int) -> jax.Array:
 
 
 def environment_means(tree: Any, ids: jax.Array, sizes: jax.Array) -> Any:
-    """Per-example leaves ``(N, ...)`` -> per-environment means ``(E, ...)`` (segment sums / sizes)."""
+    """Per-example leaves ``(N, ...)`` -> per-environment means ``(E, ...)`` (segment sums / sizes).
+
+    An id outside ``[0, E)`` cannot raise under ``jit``: it makes every mean NaN instead, so the
+    losses and the update are NaN — never an update that silently left examples out.
+    """
     num_envs = sizes.shape[0]
+    stray = jnp.any((ids < 0) | (ids >= num_envs))
 
     def mean(x: jax.Array) -> jax.Array:
         acc = jnp.promote_types(x.dtype, jnp.float32)
         total = jax.ops.segment_sum(x.astype(acc), ids, num_segments=num_envs)
+        total = jnp.where(stray, jnp.asarray(jnp.nan, acc), total)
         n = jnp.maximum(sizes, 1).astype(acc).reshape((num_envs,) + (1,) * (x.ndim - 1))
         return (total / n).astype(x.dtype)
 
