@@ -234,9 +234,11 @@ def finalize_many(
             raise type(err)(f"stats[{i}]: {err}") from None
     first = getattr(stats[0], stats[0].fields[0])
     xp = array_namespace(first, xp=xp, name="stats")
-    if not hasattr(xp, "gradand_check_finite"):  # every tensor's arrays from one library
-        for i, s in enumerate(stats):
-            array_namespace(first, *s.arrays().values(), name=f"stats[0] and stats[{i}]")
+    kind = type(first)
+    for i, s in enumerate(stats):  # every tensor's arrays from one library (a type check first)
+        arrays = s.arrays().values()
+        if any(type(a) is not kind for a in arrays) and not hasattr(xp, "gradand_check_finite"):
+            array_namespace(first, *arrays, name=f"stats[0] and stats[{i}]")
     if not _fusable(stats, combiner, xp):
         out = [finalize(s, combiner, return_info=True, xp=xp) for s in stats]
         updates = [u for u, _ in out]

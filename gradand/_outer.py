@@ -28,7 +28,7 @@ from gradand._namespace import (
     check_float,
     check_nan_policy,
 )
-from gradand._stats import Statistics
+from gradand._stats import Statistics, vote_signs
 
 __all__ = ["OUTER_STATISTICS", "outer_statistics"]
 
@@ -106,12 +106,9 @@ def outer_statistics(
     if "mean" in needed:
         values["mean"] = mean
     if "sign_sum" in needed:
-        # signs as (v > 0) - (v < 0): a NaN casts no vote, only for its own example, as in the
-        # dense path; the float product of ±1/0 is exact below 2**24 examples
-        def signs(v: Any) -> Any:
-            return xp.astype(v > 0, v.dtype) - xp.astype(v < 0, v.dtype)
-
-        values["sign_sum"] = xp.astype(signs(dt) @ signs(x), xp.int32)
+        # a NaN casts no vote, only for its own example, as in the dense path; the float
+        # product of ±1/0 votes is exact below 2**24 examples
+        values["sign_sum"] = xp.astype(vote_signs(dt, xp) @ vote_signs(x, xp), xp.int32)
     if "m2" in needed:
         m2 = (dt * dt) @ (x * x) - n * (mean * mean)
         values["m2"] = xp.where(m2 > 0, m2, xp.zeros_like(m2))

@@ -303,19 +303,52 @@ def _merge2(a: Statistics, b: Statistics) -> Statistics:
     return dataclasses.replace(a, count=n, **out)
 
 
+def vote_signs(g: Any, xp: Any) -> Any:
+    """``sign(g)`` as float votes with NaN casting no vote (0).
+
+    A namespace may supply ``gradand_vote_signs`` (PyTorch's backend: ``torch.sign``, which maps
+    NaN to 0 in one pass); otherwise ``xp.sign`` with NaN votes cleared.
+    """
+    hook = getattr(xp, "gradand_vote_signs", None)
+    if hook is not None:
+        return hook(g)
+    s = xp.sign(g)
+    return xp.where(s == s, s, xp.zeros_like(s))
+
+
 def sign_votes(g: Any, xp: Any, *, axis: int | None) -> Any:
     """``Σ sign(g)`` over ``axis`` (or ``sign(g)`` for ``axis=None``) as exact int32 votes.
 
-    Computed as ``(g > 0) - (g < 0)``: a zero or NaN gradient casts no vote — on every path,
-    so the other environments' votes on that component still count — with no NaN to clear,
-    and cheaper than a NaN-aware ``sign``.
+    A zero or NaN gradient casts no vote — on every path, so the other environments' votes on
+    that component still count.
     """
-    up = xp.astype(g > 0, xp.int32)
-    down = xp.astype(g < 0, xp.int32)
-    votes = up - down
-    if axis is None:
-        return votes
-    return xp.sum(votes, axis=axis, dtype=xp.int32)
+    s = vote_signs(g, xp)
+    if axis is not None:
+        if g.shape[axis] > _EXACT_FLOAT_SIGN_SUM:  # a float32 sum is no longer exact: sum integers
+            return xp.sum(xp.astype(s, xp.int32), axis=axis, dtype=xp.int32)
+        s = xp.sum(s, axis=axis)
+    return xp.astype(s, xp.int32)
+
+
+def _dense_mean(g: Any, axis: int, count: int, xp: Any) -> Any:
+    """The mean over ``axis`` that cannot overflow where the gradients do not.
+
+    Eagerly: the plain sum, and only if it overflowed (a non-finite sum of finite values) the sum
+    of the terms scaled by a power of two (exact). Traced (``jit``, ``tf.function``), where the
+    values are unknown: always the scaled sum (XLA fuses the scaling into the reduction).
+    """
+    scale = _power_of_two_at_least(count)
+    if scale == 1.0:
+        return xp.sum(g, axis=axis)
+    total = xp.sum(g, axis=axis)
+    try:
+        if bool(xp.all(xp.isfinite(total))):
+            return total / count
+        if not bool(xp.all(xp.isfinite(g))):  # NaN/Inf in the input: the sum says so already
+            return total / count
+    except Exception:  # a tracer or a symbolic tensor
+        pass
+    return xp.sum(g / scale, axis=axis) / (count / scale)
 
 
 def _power_of_two_at_least(n: int) -> float:
@@ -387,9 +420,7 @@ def statistics(
         if axis is None:
             mean = g
         else:
-            # scaled by a power of two first (exact), so a sum of large gradients cannot overflow
-            scale = _power_of_two_at_least(count)
-            mean = xp.sum(g / scale if scale != 1.0 else g, axis=axis) / (count / scale)
+            mean = _dense_mean(g, axis, count, xp)
         if "mean" in needed:
             values["mean"] = mean
     if "sign_sum" in needed:

@@ -15,7 +15,25 @@ from gradand._namespace import check_nan_policy
 #: The core's array namespace for torch tensors, passed as ``xp=`` so that the
 #: core does not look it up per call (cheaper, and nothing for ``torch.compile``
 #: to trace through).
-XP: Any = array_api_compat.array_namespace(torch.empty(0))
+_COMPAT: Any = array_api_compat.array_namespace(torch.empty(0))
+
+
+class _TorchNamespace:
+    """array-api-compat's torch namespace, plus the core's hook for sign votes.
+
+    ``gradand_vote_signs`` is ``torch.sign``: one pass, and it maps NaN to 0 (no vote), which is
+    what the core's votes need — the NaN-preserving array-API ``sign`` takes several passes.
+    """
+
+    gradand_vote_signs = staticmethod(torch.sign)
+
+    def __getattr__(self, name: str) -> Any:  # first lookup of a name: cache it on the instance
+        value = getattr(_COMPAT, name)
+        setattr(self, name, value)
+        return value
+
+
+XP: Any = _TorchNamespace()
 
 
 def check_combiner(combiner: Any) -> None:
