@@ -69,6 +69,7 @@ __all__ = [
     "result_type",
     "sign",
     "sqrt",
+    "stack",
     "sum",
     "tanh",
     "where",
@@ -165,6 +166,11 @@ def result_type(*dtypes: Any) -> Any:
     """The widest of floating ``tf.DType`` s (what the core needs to combine mixed-precision factors)."""
     floats = [tf.as_dtype(d) for d in dtypes]
     return max(floats, key=lambda d: (d.size, d == tf.float32))
+
+
+def stack(arrays: Any, /, *, axis: int = 0) -> tf.Tensor:
+    """``tf.stack``."""
+    return tf.stack(list(arrays), axis=axis)
 
 
 def where(condition: Any, x1: Any, x2: Any, /) -> tf.Tensor:
