@@ -192,6 +192,7 @@ def _statistics(
 ) -> Statistics:
     # "raise": compute without the full-size check, then check the E times smaller means once
     policy = "propagate" if nan_policy == "raise" else nan_policy
+    later = nan_policy == "raise"  # then a NaN's vote does not matter: the check below raises
     (first,) = factors[:1]
     outer = (
         len(factors) == 1
@@ -212,7 +213,7 @@ def _statistics(
                 x = xp.astype(x, xp.result_type(x.dtype, d.dtype))
             if scale is not None:  # unscaled in the accumulation dtype: no float16 underflow
                 d = xp.astype(d, accumulation_dtype(d.dtype, xp)) / scale
-            part = outer_statistics(x, d, combiner, nan_policy=policy, xp=xp)
+            part = outer_statistics(x, d, combiner, nan_policy=policy, xp=xp, _checked_later=later)
             if part.dtype != dtype:
                 part = part.replace(dtype=dtype)
             if layout == "in_out" or shape != tuple(part.shape):
@@ -223,7 +224,7 @@ def _statistics(
             if scale is not None:
                 g = xp.astype(g, accumulation_dtype(g.dtype, xp)) / scale
             g = xp.reshape(g, (g.shape[0], *shape))
-            part = statistics(g, combiner, axis=0, nan_policy=policy, xp=xp)
+            part = statistics(g, combiner, axis=0, nan_policy=policy, xp=xp, _checked_later=later)
             if part.dtype != dtype:
                 part = part.replace(dtype=dtype)
         out = out + part

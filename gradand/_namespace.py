@@ -108,7 +108,7 @@ def check_nan_policy(nan_policy: str) -> None:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}; got {nan_policy!r}")
 
 
-def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> Any:
+def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str, *, report: bool = False) -> Any:
     """Check or clean non-finite entries of ``x`` according to ``nan_policy``.
 
     ``"raise"`` raises ``ValueError`` when the values can be inspected (eager
@@ -119,21 +119,29 @@ def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> Any:
     otherwise the check is skipped there and a non-finite value propagates to
     the update (never a silent 0). ``"zero"`` replaces NaN/Inf by 0 (no vote,
     nothing added to the sum). ``"propagate"`` does nothing.
+
+    With ``report=True`` returns ``(x, finite)``: whether no NaN/Inf can be left in ``x``
+    (checked, cleaned, or guarded by the namespace's check).
     """
+    out, finite = _apply_nan_policy(x, xp, nan_policy, name)
+    return (out, finite) if report else out
+
+
+def _apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> tuple[Any, bool]:
     if nan_policy == "propagate":
-        return x
+        return x, False
     if nan_policy == "zero":
-        return xp.where(xp.isfinite(x), x, xp.zeros_like(x))
+        return xp.where(xp.isfinite(x), x, xp.zeros_like(x)), True
     hook = getattr(xp, "gradand_check_finite", None)
-    if hook is not None:
-        return hook(x, name)
+    if hook is not None:  # the namespace's own check; it says whether nothing non-finite gets past
+        return hook(x, name), bool(getattr(xp, "gradand_check_is_exhaustive", False))
     try:
         if bool(xp.isfinite(xp.sum(x))):
-            return x
+            return x, True
         finite = xp.isfinite(x)
         ok = bool(xp.all(finite))
     except Exception:  # a tracer (jax.jit) or a symbolic tensor: values unknown here
-        return x
+        return x, False
     if not ok:
         n_bad = int(xp.sum(xp.astype(xp.logical_not(finite), x.dtype)))  # x is float32+
         size = array_api_compat.size(x)
@@ -143,4 +151,4 @@ def apply_nan_policy(x: Any, xp: Any, nan_policy: str, name: str) -> Any:
             f"those components (they cast no vote and add nothing), or nan_policy='propagate' "
             f"to let them through (the update is then NaN there)."
         )
-    return x
+    return x, True  # finite values whose sum overflowed

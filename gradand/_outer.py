@@ -43,6 +43,7 @@ def outer_statistics(
     *,
     nan_policy: NanPolicy = "raise",
     xp: Any = None,
+    _checked_later: bool = False,
 ) -> Statistics:
     """Statistics over examples of per-example linear-layer weight gradients ``δ_b x_bᵀ``.
 
@@ -95,8 +96,8 @@ def outer_statistics(
     acc = accumulation_dtype(deltas.dtype, xp)
     x = inputs if inputs.dtype == acc else xp.astype(inputs, acc)
     d = deltas if deltas.dtype == acc else xp.astype(deltas, acc)
-    x = apply_nan_policy(x, xp, nan_policy, "inputs")
-    d = apply_nan_policy(d, xp, nan_policy, "deltas")
+    x, x_finite = apply_nan_policy(x, xp, nan_policy, "inputs", report=True)
+    d, d_finite = apply_nan_policy(d, xp, nan_policy, "deltas", report=True)
     n = inputs.shape[0]
     dt = xp.matrix_transpose(d)
     values: dict[str, Any] = {}
@@ -108,7 +109,9 @@ def outer_statistics(
     if "sign_sum" in needed:
         # a NaN casts no vote, only for its own example, as in the dense path; the float
         # product of ±1/0 votes is exact below 2**24 examples
-        values["sign_sum"] = xp.astype(vote_signs(dt, xp) @ vote_signs(x, xp), xp.int32)
+        known = _checked_later  # a caller that raises on a non-finite mean afterwards
+        votes = vote_signs(dt, xp, finite=d_finite or known) @ vote_signs(x, xp, finite=x_finite or known)
+        values["sign_sum"] = xp.astype(votes, xp.int32)
     if "m2" in needed:
         m2 = (dt * dt) @ (x * x) - n * (mean * mean)
         values["m2"] = xp.where(m2 > 0, m2, xp.zeros_like(m2))

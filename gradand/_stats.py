@@ -303,26 +303,29 @@ def _merge2(a: Statistics, b: Statistics) -> Statistics:
     return dataclasses.replace(a, count=n, **out)
 
 
-def vote_signs(g: Any, xp: Any) -> Any:
+def vote_signs(g: Any, xp: Any, *, finite: bool = False) -> Any:
     """``sign(g)`` as float votes with NaN casting no vote (0).
 
     A namespace may supply ``gradand_vote_signs`` (PyTorch's backend: ``torch.sign``, which maps
-    NaN to 0 in one pass); otherwise ``xp.sign`` with NaN votes cleared.
+    NaN to 0 in one pass); otherwise ``xp.sign``, with NaN votes cleared unless ``g`` is known to
+    be ``finite`` (checked or cleaned by the NaN policy).
     """
     hook = getattr(xp, "gradand_vote_signs", None)
     if hook is not None:
         return hook(g)
     s = xp.sign(g)
+    if finite:
+        return s
     return xp.where(s == s, s, xp.zeros_like(s))
 
 
-def sign_votes(g: Any, xp: Any, *, axis: int | None) -> Any:
+def sign_votes(g: Any, xp: Any, *, axis: int | None, finite: bool = False) -> Any:
     """``Σ sign(g)`` over ``axis`` (or ``sign(g)`` for ``axis=None``) as exact int32 votes.
 
     A zero or NaN gradient casts no vote — on every path, so the other environments' votes on
     that component still count.
     """
-    s = vote_signs(g, xp)
+    s = vote_signs(g, xp, finite=finite)
     if axis is not None:
         if g.shape[axis] > _EXACT_FLOAT_SIGN_SUM:  # a float32 sum is no longer exact: sum integers
             return xp.sum(xp.astype(s, xp.int32), axis=axis, dtype=xp.int32)
@@ -362,6 +365,7 @@ def statistics(
     axis: int | None = 0,
     nan_policy: NanPolicy = "raise",
     xp: Any = None,
+    _checked_later: bool = False,
 ) -> Statistics:
     """The statistics ``combiner`` needs, over the environments in ``grads``.
 
@@ -410,7 +414,8 @@ def statistics(
         if count > MAX_COUNT:
             raise ValueError(f"grads has {count} environments along axis {axis}; at most {MAX_COUNT}")
     g = grads if grads.dtype == acc else xp.astype(grads, acc)
-    g = apply_nan_policy(g, xp, nan_policy, "grads")
+    g, finite = apply_nan_policy(g, xp, nan_policy, "grads", report=True)
+    finite = finite or _checked_later  # a caller that raises on a non-finite mean afterwards
 
     needed = combiner.statistics
     eps = getattr(combiner, "eps", None) if "log_abs_mean" in needed else None
@@ -424,7 +429,7 @@ def statistics(
         if "mean" in needed:
             values["mean"] = mean
     if "sign_sum" in needed:
-        values["sign_sum"] = sign_votes(g, xp, axis=axis)
+        values["sign_sum"] = sign_votes(g, xp, axis=axis, finite=finite)
     if "log_abs_mean" in needed:
         logs = xp.log(xp.abs(g) + eps)
         values["log_abs_mean"] = logs if axis is None else xp.sum(logs, axis=axis) / count

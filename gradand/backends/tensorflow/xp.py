@@ -52,6 +52,7 @@ __all__ = [
     "full",
     "full_like",
     "gradand_check_finite",
+    "gradand_check_is_exhaustive",
     "int32",
     "int64",
     "is_tensorflow_array",
@@ -241,6 +242,12 @@ def isdtype(dtype: Any, kind: Any) -> _builtin_bool:
             raise ValueError(f"isdtype(): unknown kind {kind!r}; expected one of {sorted(_KINDS)}")
         return _builtin_bool(_KINDS[kind](dtype))
     return dtype == tf.as_dtype(kind)
+
+
+#: The check below lets no NaN/Inf reach the statistics: eagerly it raises, in a graph
+#: ``check_numerics`` raises when the step runs. (XLA compiles it away: there a NaN reaches the
+#: update, as under ``jax.jit``, and its component's votes are lost with it.)
+gradand_check_is_exhaustive = True
 
 
 def gradand_check_finite(x: Any, name: str) -> tf.Tensor:
