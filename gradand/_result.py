@@ -87,19 +87,19 @@ def summarize(infos: Sequence[MaskInfo | None], sizes: Sequence[int], *, xp: Any
     xp = array_namespace(first, xp=xp, name="infos")
     wide = xp.isdtype(first.dtype, "real floating") and xp.finfo(first.dtype).bits > 32
     dt = first.dtype if wide else xp.float32
-    total = float(sum(n for _, n in pairs))
-    weights = [n / total for _, n in pairs]
+    sizes_ = [float(n) for _, n in pairs]
+    total = float(sum(sizes_))
     fields = []
     for k in range(2):
         values = [info[k] if info[k].dtype == dt else xp.astype(info[k], dt) for info, _ in pairs]
         if len(values) > 1 and hasattr(xp, "stack"):  # a few ops, whatever the number of tensors
-            w = xp.asarray(weights, dtype=dt, device=_device(values[0]))
-            fields.append(xp.sum(xp.stack(values) * w))
+            w = xp.asarray(sizes_, dtype=dt, device=_device(values[0]))
+            fields.append(xp.sum(xp.stack(values) * w) / total)  # all ones give exactly 1
         else:
             acc = None
-            for v, wi in zip(values, weights):
-                acc = v * wi if acc is None else acc + v * wi
-            fields.append(acc)
+            for v, n in zip(values, sizes_):
+                acc = v * n if acc is None else acc + v * n
+            fields.append(acc / total)
     return MaskInfo(*fields)
 
 

@@ -333,16 +333,20 @@ def sign_votes(g: Any, xp: Any, *, axis: int | None, finite: bool = False) -> An
     return xp.astype(s, xp.int32)
 
 
-def _dense_mean(g: Any, axis: int, count: int, xp: Any) -> Any:
+def _dense_mean(g: Any, axis: int, count: int, xp: Any, *, inspect: bool) -> Any:
     """The mean over ``axis`` that cannot overflow where the gradients do not.
 
-    Eagerly: the plain sum, and only if it overflowed (a non-finite sum of finite values) the sum
-    of the terms scaled by a power of two (exact). Traced (``jit``, ``tf.function``), where the
-    values are unknown: always the scaled sum (XLA fuses the scaling into the reduction).
+    With ``inspect`` (``nan_policy="raise"``, which reads the values anyway): the plain sum, and
+    only if it overflowed (a non-finite sum of finite values) the sum of the terms scaled by a
+    power of two (exact). Otherwise, and when traced (``jit``, ``tf.function``, ``torch.compile``
+    must see no data-dependent branch): always the scaled sum (XLA fuses the scaling into the
+    reduction).
     """
     scale = _power_of_two_at_least(count)
     if scale == 1.0:
         return xp.sum(g, axis=axis)
+    if not inspect:
+        return xp.sum(g / scale, axis=axis) / (count / scale)
     total = xp.sum(g, axis=axis)
     try:
         if bool(xp.all(xp.isfinite(total))):
@@ -425,7 +429,7 @@ def statistics(
         if axis is None:
             mean = g
         else:
-            mean = _dense_mean(g, axis, count, xp)
+            mean = _dense_mean(g, axis, count, xp, inspect=nan_policy == "raise" or _checked_later)
         if "mean" in needed:
             values["mean"] = mean
     if "sign_sum" in needed:
