@@ -426,7 +426,11 @@ def factored_statistics(
             layer, kind = owner[_key(v)]
             parts = [(c, d) for c, d in zip(needed, deltas) if c.layer is layer and d is not None]
             if parts:  # else the layer's output does not reach the loss: no gradient
-                stats[k] = _layer_statistics(v, kind, parts, groups, combiner, chunk_size, policy, unscale)
+                # the engine checks "raise" itself on its (E times smaller) statistics, in a graph
+                # with check_numerics on the data path, and skips clearing NaN votes
+                stats[k] = _layer_statistics(
+                    v, kind, parts, groups, combiner, chunk_size, nan_policy, unscale
+                )
     return scaled(losses, unscale), _checked(stats) if graph_check else stats
 
 
