@@ -79,16 +79,12 @@ def hard_mask(stats: Statistics, threshold: float, xp: Any) -> Any:
     count = stats.count
     if isinstance(count, int):
         return votes >= required_votes(threshold, count)
-    dt = xp.float64 if getattr(xp, "float64", None) is not None and _has_float64(stats, xp) else xp.float32
+    like = _float_field(stats)
+    dt = xp.float64 if like is not None and like.dtype == xp.float64 else xp.float32
     n = xp.astype(count, dt)
     k = xp.ceil(n * threshold)
     k = xp.where((k - 1) / n >= threshold, k - 1, k)
     return xp.astype(votes, dt) >= k
-
-
-def _has_float64(stats: Statistics, xp: Any) -> bool:
-    like = _float_field(stats)
-    return like is not None and like.dtype == xp.float64
 
 
 class Combiner(abc.ABC):

@@ -193,7 +193,7 @@ def _statistics(
     # "raise": compute without the full-size check, then check the E times smaller means once
     policy = "propagate" if nan_policy == "raise" else nan_policy
     later = nan_policy == "raise"  # then a NaN's vote does not matter: the check below raises
-    (first,) = factors[:1]
+    first = factors[0]
     outer = (
         len(factors) == 1
         and first.inputs is not None

@@ -238,6 +238,8 @@ def _weights(na: Any, nb: Any, like: Any, xp: Any) -> tuple[Any, Any, Any]:
                 f"sign votes count exactly"
             )
         return n, na / n, nb / n
+    if like is None:  # sign votes only: no weights needed
+        return n, None, None
     fa = _as_float(na, like, xp)
     fb = _as_float(nb, like, xp)
     total = fa + fb
@@ -278,12 +280,9 @@ def _merge2(a: Statistics, b: Statistics) -> Statistics:
     _check_mergeable(a, b)
     like = _float_field(a)
     xp = array_namespace(getattr(a, a.fields[0]), name="stats")
+    n, wa, wb = _weights(a.count, b.count, like, xp)  # raises past MAX_COUNT
     if like is None:  # sign votes only
-        n = a.count + b.count
-        if isinstance(n, int) and n > MAX_COUNT:
-            _weights(a.count, b.count, None, xp)
         return dataclasses.replace(a, count=n, sign_sum=a.sign_sum + b.sign_sum)
-    n, wa, wb = _weights(a.count, b.count, like, xp)
     out: dict[str, Any] = {}
     if a.sign_sum is not None:
         out["sign_sum"] = a.sign_sum + b.sign_sum
@@ -486,9 +485,7 @@ def _count_value(count: Any) -> Any:
         return count
     try:
         return operator.index(count) if isinstance(count, numbers.Integral) else int(count)
-    except (TypeError, ValueError, RuntimeError):  # a tracer or a symbolic tensor
-        return count
-    except Exception:  # framework-specific "concrete value needed" errors
+    except Exception:  # a tracer or a symbolic tensor (each framework has its own error type)
         return count
 
 
