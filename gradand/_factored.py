@@ -213,11 +213,14 @@ def _statistics(
                 x = xp.astype(x, xp.result_type(x.dtype, d.dtype))
             if scale is not None:  # unscaled in the accumulation dtype: no float16 underflow
                 d = xp.astype(d, accumulation_dtype(d.dtype, xp)) / scale
-            part = outer_statistics(x, d, combiner, nan_policy=policy, xp=xp, _checked_later=later)
+            in_out = layout == "in_out"
+            part = outer_statistics(
+                x, d, combiner, nan_policy=policy, xp=xp, _checked_later=later, _in_out=in_out
+            )
             if part.dtype != dtype:
                 part = part.replace(dtype=dtype)
-            if layout == "in_out" or shape != tuple(part.shape):
-                part = _reshaped(part, layout, shape, xp)
+            if shape != tuple(part.shape):
+                part = _reshaped(part, shape, xp)
         else:
             g = _gradients(factors, sl, layout, xp)
             dtype = g.dtype  # the update comes back in the gradients' dtype
@@ -234,12 +237,6 @@ def _statistics(
     return out
 
 
-def _reshaped(s: Statistics, layout: Layout, shape: tuple[int, ...], xp: Any) -> Statistics:
-    """Outer statistics come as ``(out, in)``: transposed for ``(in, out)`` kernels, then reshaped."""
-
-    def fix(a: Any) -> Any:
-        if layout == "in_out":
-            a = xp.matrix_transpose(a)
-        return xp.reshape(a, shape)
-
-    return s.replace(**{k: fix(v) for k, v in s.arrays().items()})
+def _reshaped(s: Statistics, shape: tuple[int, ...], xp: Any) -> Statistics:
+    """Outer statistics (already in the kernel's layout) reshaped to the parameter's shape."""
+    return s.replace(**{k: xp.reshape(v, shape) for k, v in s.arrays().items()})

@@ -44,6 +44,7 @@ def outer_statistics(
     nan_policy: NanPolicy = "raise",
     xp: Any = None,
     _checked_later: bool = False,
+    _in_out: bool = False,
 ) -> Statistics:
     """Statistics over examples of per-example linear-layer weight gradients ``δ_b x_bᵀ``.
 
@@ -99,20 +100,22 @@ def outer_statistics(
     x, x_finite = apply_nan_policy(x, xp, nan_policy, "inputs", report=True)
     d, d_finite = apply_nan_policy(d, xp, nan_policy, "deltas", report=True)
     n = inputs.shape[0]
-    dt = xp.matrix_transpose(d)
+    # (out, in) = Δᵀ X; with _in_out the (in, out) = Xᵀ Δ of a kernel stored that way, no transpose
+    a, b = (xp.matrix_transpose(x), d) if _in_out else (xp.matrix_transpose(d), x)
     values: dict[str, Any] = {}
     mean = None
     if "mean" in needed or "m2" in needed:
-        mean = (dt / n) @ x
+        mean = a @ (b / n) if _in_out else (a / n) @ b
     if "mean" in needed:
         values["mean"] = mean
     if "sign_sum" in needed:
         # a NaN casts no vote, only for its own example, as in the dense path; the float
         # product of ±1/0 votes is exact below 2**24 examples
         known = _checked_later  # a caller that raises on a non-finite mean afterwards
-        votes = vote_signs(dt, xp, finite=d_finite or known) @ vote_signs(x, xp, finite=x_finite or known)
+        a_ok, b_ok = (x_finite, d_finite) if _in_out else (d_finite, x_finite)
+        votes = vote_signs(a, xp, finite=a_ok or known) @ vote_signs(b, xp, finite=b_ok or known)
         values["sign_sum"] = xp.astype(votes, xp.int32)
     if "m2" in needed:
-        m2 = (dt * dt) @ (x * x) - n * (mean * mean)
+        m2 = (a * a) @ (b * b) - n * (mean * mean)
         values["m2"] = xp.where(m2 > 0, m2, xp.zeros_like(m2))
     return Statistics(count=n, dtype=deltas.dtype, **values)

@@ -302,6 +302,195 @@ def _merge2(a: Statistics, b: Statistics) -> Statistics:
     return dataclasses.replace(a, count=n, **out)
 
 
+class Fold:
+    """Statistics of one tensor folded from one environment's gradient at a time (O(P) memory).
+
+    The streaming sources' accumulator: ``fold.add(g)`` per environment, then
+    ``fold.result()``. It gives :func:`statistics` of the stacked gradients (the
+    same exact votes, the means up to summation order) without a
+    :func:`merge` per environment: with ``expected`` environments known, means
+    are sums of terms scaled by a power of two ``>= expected`` (exact scaling;
+    the sum cannot overflow where the gradients do not); otherwise running
+    means. Votes are summed as floats while that is exact (up to ``2**24``),
+    as int32 beyond; ``M2`` by Welford's update (Chan's merge with one side of
+    one environment).
+
+    Args:
+        combiner: the combiner whose statistics to fold.
+        expected: the number of environments that will be added (``None`` when unknown).
+        nan_policy: as in :func:`statistics`, applied to each gradient.
+        xp: the array namespace, when it cannot be inferred (TensorFlow).
+        name: how errors name the gradients.
+
+    Example:
+        >>> import numpy as np
+        >>> import gradand
+        >>> from gradand._stats import Fold
+        >>> fold = Fold(gradand.AndMask(), expected=2)
+        >>> fold.add(np.array([1.0, -2.0])); fold.add(np.array([3.0, 4.0]))
+        >>> s = fold.result()
+        >>> s.count, s.mean, s.sign_sum
+        (2, array([2., 1.]), array([2, 0], dtype=int32))
+    """
+
+    def __init__(
+        self,
+        combiner: Combiner,
+        expected: int | None = None,
+        *,
+        nan_policy: NanPolicy = "raise",
+        xp: Any = None,
+        name: str = "grads",
+    ) -> None:
+        from gradand._combiners import Combiner
+
+        if not isinstance(combiner, Combiner):
+            raise TypeError(
+                f"combiner must be a gradand combiner (Mean(), AndMask(), ...); got {type(combiner).__name__}"
+            )
+        check_nan_policy(nan_policy)
+        needed = combiner.statistics
+        self._mean = "mean" in needed
+        self._votes = "sign_sum" in needed
+        self._logs = "log_abs_mean" in needed
+        self._welford = "m2" in needed
+        self._eps = getattr(combiner, "eps", None) if self._logs else None
+        self._expected = expected
+        self._scale = _power_of_two_at_least(expected) if expected else None
+        self._nan_policy = nan_policy
+        self._xp = xp
+        self._name = name
+        self._count: Any = 0  # Python int, or a 0-d array once an environment's presence is data
+        self._k = 0.0  # Welford's running count (float), for weighted presence
+        self._sums: dict[str, Any] = {}
+        self._dtype: Any = None
+
+    @property
+    def needs_values(self) -> bool:
+        """Whether a zero gradient must still be added as values (``log|g|`` or ``M2`` change)."""
+        return self._logs or self._welford
+
+    def seed(self, dtype: Any, xp: Any) -> float | None:
+        """A power of two a backend may seed each environment's backward pass with, or ``None``.
+
+        Gradients computed with this seed (``output_gradients`` / ``grad_outputs``) arrive as
+        ``g / 2**k``, exactly, and are added with ``add(g, seeded=True)``: the scaled sum's
+        multiply then costs nothing. Only for the mean and votes of gradients of at least 32 bits
+        (a 16-bit backward pass would underflow).
+        """
+        if self._scale is None or self._scale == 1.0 or self.needs_values:
+            return None
+        if xp.finfo(dtype).bits < 32:
+            return None
+        return 1.0 / self._scale
+
+    def arrays(self) -> list[Any]:
+        """The running accumulators (for a framework's control dependencies)."""
+        return list(self._sums.values())
+
+    def skip(self, present: Any = None) -> None:
+        """Count one environment whose gradient is zero, without its values (see :attr:`needs_values`)."""
+        if self.needs_values:
+            raise ValueError("this combiner's statistics change with a zero gradient: add() the zeros")
+        self._count = self._count + (1 if present is None else self._presence_count(present))
+
+    def _presence_count(self, present: Any) -> Any:
+        xp = self._xp or array_namespace(present, name="present")
+        return xp.astype(present, xp.int32)
+
+    def add(self, g: Any, *, present: Any = None, seeded: bool = False) -> None:
+        """Add one environment's gradient ``g``; ``present`` (0-d bool array): whether it counts.
+
+        ``seeded``: ``g`` was computed with :meth:`seed` as the backward pass's seed.
+        """
+        xp = self._xp = array_namespace(g, xp=self._xp)
+        if self._dtype is None:
+            check_float(g, xp, self._name)
+            self._dtype = g.dtype
+        acc = accumulation_dtype(g.dtype, xp)
+        g = g if g.dtype == acc else xp.astype(g, acc)
+        g, finite = apply_nan_policy(g, xp, self._nan_policy, self._name, report=True)
+        w = None
+        if present is not None:
+            if self._scale is None:
+                raise ValueError("Fold: an environment's presence needs the expected number of environments")
+            w = xp.astype(present, acc)
+            g = g * w
+        self._count = self._count + (1 if present is None else xp.astype(present, xp.int32))
+        sums = self._sums
+        if self._votes:
+            if (self._expected or MAX_COUNT) > _EXACT_FLOAT_SIGN_SUM:
+                votes = xp.astype(vote_signs(g, xp, finite=finite), xp.int32)
+            else:
+                votes = vote_signs(g, xp, finite=finite)
+            sums["sign_sum"] = votes if "sign_sum" not in sums else sums["sign_sum"] + votes
+        if self._welford:
+            self._k = self._k + (1.0 if w is None else w)
+            if "mean" not in sums:
+                sums["mean"], sums["m2"] = g, xp.zeros_like(g)
+            else:
+                mean = sums["mean"]
+                d = g - mean
+                step = d / self._k if w is None else d * (w / xp.where(self._k > 0, self._k, 1.0))
+                sums["mean"] = mean + step
+                sums["m2"] = sums["m2"] + (d if w is None else d * w) * (g - sums["mean"])
+        elif self._mean:
+            self._accumulate("mean", g, xp, seeded)
+        if self._logs:
+            logs = xp.log(xp.abs(g) + self._eps)
+            self._accumulate("log_abs_mean", logs if w is None else logs * w, xp)
+
+    def _accumulate(self, key: str, v: Any, xp: Any, seeded: bool = False) -> None:
+        sums = self._sums
+        if self._scale is not None:  # a sum of exactly scaled terms
+            term = v if self._scale == 1.0 or seeded else v * (1.0 / self._scale)
+            sums[key] = term if key not in sums else sums[key] + term
+        elif key not in sums:  # running mean; the count is a Python int here (no presence)
+            sums[key] = v
+        else:
+            sums[key] = sums[key] + (v - sums[key]) / self._count
+
+    def result(self, like: Any = None) -> Statistics:
+        """The folded statistics (``Statistics()`` when nothing was counted).
+
+        ``like``: a tensor of the gradient's shape and dtype, for a fold whose environments were
+        all skipped (zero gradients everywhere: zero means, no votes).
+        """
+        if not self._sums:
+            if isinstance(self._count, int) and self._count == 0:
+                return Statistics()
+            if like is None:
+                raise ValueError("environments were counted with skip() but none was added: no shape known")
+            xp = self._xp or array_namespace(like, name="like")
+            zeros = xp.zeros_like(like, dtype=accumulation_dtype(like.dtype, xp))
+            out0: dict[str, Any] = {}
+            if self._mean:
+                out0["mean"] = zeros
+            if self._votes:
+                out0["sign_sum"] = xp.astype(zeros, xp.int32)
+            return Statistics(count=self._count, dtype=like.dtype, eps=self._eps, **out0)
+        xp = self._xp
+        out = dict(self._sums)
+        count = self._count
+        if isinstance(count, int):
+            denom: Any = count
+        else:
+            like = next(v for k, v in out.items() if k != "sign_sum")
+            denom = xp.astype(count, like.dtype)
+            denom = xp.where(denom > 0, denom, xp.ones_like(denom))
+        if self._scale is not None and not self._welford:
+            for key in ("mean", "log_abs_mean"):
+                if key in out:
+                    out[key] = out[key] / (denom / self._scale)
+        if self._welford and self._logs and self._scale is not None:
+            out["log_abs_mean"] = out["log_abs_mean"] / (denom / self._scale)
+        if self._welford and not self._mean:
+            del out["mean"]
+        if "sign_sum" in out and out["sign_sum"].dtype != xp.int32:
+            out["sign_sum"] = xp.astype(out["sign_sum"], xp.int32)
+        return Statistics(count=count, dtype=self._dtype, eps=self._eps, **out)
+
+
 def vote_signs(g: Any, xp: Any, *, finite: bool = False) -> Any:
     """``sign(g)`` as float votes with NaN casting no vote (0).
 
@@ -339,11 +528,16 @@ def _dense_mean(g: Any, axis: int, count: int, xp: Any, *, inspect: bool) -> Any
     only if it overflowed (a non-finite sum of finite values) the sum of the terms scaled by a
     power of two (exact). Otherwise, and when traced (``jit``, ``tf.function``, ``torch.compile``
     must see no data-dependent branch): always the scaled sum (XLA fuses the scaling into the
-    reduction).
+    reduction). A namespace may supply ``gradand_dense_mean(g, axis, count, scale)`` that takes
+    the plain sum and the scaled one only on overflow, lazily (TensorFlow's ``tf.cond``, where an
+    unfused scaling would cost a pass over every environment's gradient).
     """
     scale = _power_of_two_at_least(count)
     if scale == 1.0:
         return xp.sum(g, axis=axis)
+    hook = getattr(xp, "gradand_dense_mean", None)
+    if hook is not None:  # a namespace that branches lazily in a graph (TensorFlow's tf.cond)
+        return hook(g, axis, count, scale)
     if not inspect:
         return xp.sum(g / scale, axis=axis) / (count / scale)
     total = xp.sum(g, axis=axis)

@@ -19,6 +19,7 @@ import tensorflow as tf
 import gradand
 from gradand import Combiner, Statistics
 from gradand._namespace import NanPolicy
+from gradand._stats import Fold
 from gradand.backends.tensorflow import xp
 from gradand.backends.tensorflow._common import (
     check_chunk_size,
@@ -154,24 +155,31 @@ def fold_statistics(
     environments absent from a batch: they add nothing and are not counted
     (``count`` becomes a 0-d tensor).
     """
-    totals: list[Statistics] = [Statistics() for _ in flat_vars]
+    folds = [Fold(combiner, len(losses), nan_policy=nan_policy, xp=xp) for _ in flat_vars]
     connected = [False] * len(flat_vars)
+    previous: list[Any] = []
+    # the folds' power-of-two scale as the backward pass's seed: free where every variable allows it
+    seeds = {f.seed(v.dtype, xp) for f, v in zip(folds, flat_vars)}
+    unscaled = isinstance(unscale, float) and unscale == 1.0
+    seed = seeds.pop() if len(seeds) == 1 and unscaled else None
     for e, loss in enumerate(losses):
-        previous = [a for s in totals for a in s.arrays().values()]
+        seeded = seed is not None and loss.dtype in (tf.float32, tf.float64)
         with tf.control_dependencies(previous):
-            grads = tape.gradient(loss, list(flat_vars), unconnected_gradients=_NONE)
+            out = tf.constant(seed, dtype=loss.dtype) if seeded else None
+            grads = tape.gradient(loss, list(flat_vars), output_gradients=out, unconnected_gradients=_NONE)
+        flag = None if present is None else present[e]
         for k, (g, v) in enumerate(zip(grads, flat_vars)):
+            if g is None and not folds[k].needs_values:
+                folds[k].skip(flag)  # this environment casts no vote and adds nothing here
+                continue
             if g is None:
-                g = tf.zeros(v.shape, dtype=v.dtype)  # this environment casts no vote here
+                g = tf.zeros(v.shape, dtype=v.dtype)
             else:
                 connected[k] = True
                 g = dense(g)
-            stats = gradand.statistics(scaled(g, unscale), combiner, axis=None, nan_policy=nan_policy, xp=xp)
-            if present is not None:
-                weight = {n: a * tf.cast(present[e], a.dtype) for n, a in stats.arrays().items()}
-                stats = stats.replace(count=tf.cast(present[e], tf.int32), **weight)
-            totals[k] = totals[k] + stats
-    return [s if c else None for s, c in zip(totals, connected)]
+            folds[k].add(scaled(g, unscale), present=flag, seeded=seeded)
+        previous = [a for f in folds for a in f.arrays()]
+    return [f.result() if c else None for f, c in zip(folds, connected)]
 
 
 def vectorized_statistics(

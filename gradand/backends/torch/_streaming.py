@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 import gradand
+from gradand._stats import Fold
 from gradand.backends.torch._common import (
     XP,
     as_loss_list,
@@ -95,26 +96,32 @@ def streaming_statistics(
     param_list = as_param_list(params)
     scale = loss_scale_of(loss_scale)
     policy = "propagate" if scale is not None and nan_policy == "raise" else nan_policy
-    stats = [gradand.Statistics() for _ in param_list]
+    folds = [Fold(combiner, n_known, nan_policy=policy, xp=XP) for _ in param_list]
+    seeds = {f.seed(p.dtype, XP) for f, p in zip(folds, param_list)}
+    seed = seeds.pop() if len(seeds) == 1 and scale is None else None  # the folds' scale, for free
     used = [False] * len(param_list)
     values = []
     for e, loss in enumerate(items):
         if lazy:
             loss = _checked(loss, e)
         keep = bool(retain_graph) if lazy or e == n_known - 1 else True  # type: ignore[operator]
-        grads = torch.autograd.grad(loss, param_list, retain_graph=keep, allow_unused=True)
+        seeded = seed is not None and loss.dtype in (torch.float32, torch.float64)
+        out = torch.full_like(loss, seed) if seeded else None
+        grads = torch.autograd.grad(loss, param_list, grad_outputs=out, retain_graph=keep, allow_unused=True)
         values.append(loss.detach())
         for i, (p, g) in enumerate(zip(param_list, grads)):
             if g is None:
+                if not folds[i].needs_values:
+                    folds[i].skip()  # a zero gradient: no vote, nothing added
+                    continue
                 g = torch.zeros_like(p)
             else:
                 used[i] = True
             try:
-                s = gradand.statistics(unscale(g, scale), combiner, axis=None, nan_policy=policy, xp=XP)
+                folds[i].add(unscale(g, scale), seeded=seeded)
             except ValueError as err:
                 raise with_context(err, f"environment {e}, params[{i}] (shape {tuple(p.shape)})") from None
-            stats[i] = stats[i] + s
-        grads = g = s = None  # free this environment's gradients before the next backward
+        grads = g = None  # free this environment's gradients before the next backward
         if policy == "raise" and not bool(torch.isfinite(values[-1])):
             # finite gradients of a non-finite loss: e.g. the mean over an empty environment
             # (x[env == e] with no example), whose zero gradient would be a silent "no vote"
@@ -125,5 +132,5 @@ def streaming_statistics(
             )
     if not values:
         raise ValueError("losses is empty: need at least one environment's loss")
-    out = [s if u or zero_unused else None for s, u in zip(stats, used)]
+    out = [f.result(p) if u or zero_unused else None for f, p, u in zip(folds, param_list, used)]
     return torch.stack(values), out
