@@ -401,15 +401,11 @@ def _check_backend(experiment: str, backend: str | None) -> str:
 
 def _check_device(backend: str, device: str) -> str:
     if backend != "numpy":
-        if backend == "torch":
-            from gradand.experiments.torch_training import resolve_device
-        elif backend == "jax":
-            from gradand.experiments.jax_training import resolve_device
-        else:
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-            from gradand.experiments.tf_training import resolve_device
+        from gradand.experiments.training import get_backend
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
         try:
-            resolve_device(device)
+            get_backend(backend).resolve_device(device)
         except ValueError as e:
             raise CLIError(str(e)) from None
         return device

@@ -4,14 +4,16 @@
 - :mod:`~gradand.experiments.landscapes` — the consistency-of-minima landscapes (numpy).
 - :mod:`~gradand.experiments.spirals` — the synthetic spirals task: generator, presets, runner.
 - :mod:`~gradand.experiments.memorization` — random labels, one environment per example.
+- :mod:`~gradand.experiments.training` — the one training loop, and the protocols a backend implements.
 - :mod:`~gradand.experiments.torch_training`, :mod:`~gradand.experiments.jax_training`,
-  :mod:`~gradand.experiments.tf_training` — the training loops on each backend (optional
-  frameworks, imported only when used).
+  :mod:`~gradand.experiments.tf_training` — the backends: models and trainers in each framework
+  (optional frameworks, imported only when used).
 
 Importing this package imports numpy only.
 """
 
-#: The module holding each backend's ``train_classifier`` (imported only when used).
+#: The registry of backends: name → the module whose ``BACKEND`` implements
+#: :class:`gradand.experiments.training.Backend` (imported only when used).
 TRAINING_MODULES = {
     "torch": "gradand.experiments.torch_training",
     "jax": "gradand.experiments.jax_training",

@@ -1,4 +1,4 @@
-"""The experiments' training loops in JAX + optax, on :mod:`gradand.backends.jax`.
+"""The experiments' JAX + optax backend (a :class:`gradand.experiments.training.Backend`).
 
 The same models and optimisation as :mod:`gradand.experiments.torch_training`
 (the reference code's MLP with Kaiming-normal weights, Adam with L2 weight
@@ -10,7 +10,8 @@ Per-environment gradients are combined by
 kernel gradient statistics come from one backward pass); plain averaging (``Mean``) takes
 ``jax.grad`` of the mean loss over the whole step's batch, which equals the
 mean of equally sized environments' gradients and lets batch norm use the
-whole batch's statistics, as in the reference code.
+whole batch's statistics, as in the reference code. The training loop is
+:func:`gradand.experiments.training.fit`.
 
 Importing this module without JAX installed works (the doctest collector
 imports every module); calling it raises a clear error.
@@ -20,9 +21,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,10 +34,19 @@ except ImportError:  # pragma: no cover - exercised only without jax
     jax = jnp = optax = None
 
 from gradand._combiners import Combiner, Mean
-from gradand.experiments._report import progress
-from gradand.experiments._schedule import schedule as epoch_schedule
+from gradand.experiments import training
+from gradand.experiments.training import MLPSpec
 
-__all__ = ["MLPSpec", "init_mlp", "resolve_device", "train_classifier", "train_patchwork"]
+__all__ = [
+    "BACKEND",
+    "MLP",
+    "MLPSpec",
+    "apply_mlp",
+    "init_mlp",
+    "resolve_device",
+    "train_classifier",
+    "train_patchwork",
+]
 
 _BN_EPS = 1e-5
 _BN_MOMENTUM = 0.1
@@ -73,40 +82,6 @@ def resolve_device(device: str) -> Any:
     if i >= len(devices):
         raise ValueError(f"--device {device!r}: JAX sees only {len(devices)} {platform} device(s)")
     return devices[i]
-
-
-class MLPSpec(dict):
-    """The MLP's shape: ``in_features``, ``out_features``, ``hidden_units``, ``hidden_layers``,
-    ``dropout``, ``batch_norm``, ``activation`` (``"leaky_relu"`` or ``"relu"``).
-
-    Example:
-        >>> from gradand.experiments.jax_training import MLPSpec
-        >>> MLPSpec(in_features=3, out_features=1, hidden_units=4, hidden_layers=1)["dropout"]
-        0.0
-    """
-
-    def __init__(
-        self,
-        *,
-        in_features: int,
-        out_features: int,
-        hidden_units: int,
-        hidden_layers: int,
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-        activation: str = "leaky_relu",
-    ) -> None:
-        if activation not in ("leaky_relu", "relu"):
-            raise ValueError(f"activation must be 'leaky_relu' or 'relu'; got {activation!r}")
-        super().__init__(
-            in_features=in_features,
-            out_features=out_features,
-            hidden_units=hidden_units,
-            hidden_layers=hidden_layers,
-            dropout=float(dropout),
-            batch_norm=bool(batch_norm),
-            activation=activation,
-        )
 
 
 def init_mlp(spec: MLPSpec, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -175,216 +150,179 @@ def apply_mlp(
     return h, new_state
 
 
-def _loss(kind: str, logits: Any, y: Any) -> Any:
-    if kind == "bce":
-        return optax.sigmoid_binary_cross_entropy(logits[..., 0], y).mean()
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def train_classifier(
-    spec: MLPSpec,
-    *,
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    eval_sets: dict[str, tuple[np.ndarray, np.ndarray]],
-    combiner: Combiner,
-    loss: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    envs_per_step: int | None = None,
-    weight_decay: float = 0.0,
-    l1: float = 0.0,
-    lr_milestone: float | None = None,
-    lr_decay: float = 0.1,
-    eval_every: int = 1,
-    seed: int = 0,
-    device: str = "cpu",
-    show_progress: bool = True,
-    desc: str = "",
-) -> dict[str, Any]:
-    """JAX twin of :func:`gradand.experiments.torch_training.train_classifier` (same arguments and result).
-
-    The model is given as an :class:`MLPSpec` and initialised from ``seed``;
-    the result also holds the trained ``"params"`` and batch-norm ``"state"``.
+class MLP(NamedTuple):
+    """An MLP in JAX: its :class:`MLPSpec`, parameters and batch-norm state (what the backend builds).
 
     Example:
-        >>> import numpy as np, gradand
-        >>> from gradand.experiments.jax_training import MLPSpec, train_classifier
-        >>> rng = np.random.default_rng(0)
-        >>> x = rng.standard_normal((2, 16, 3)).astype(np.float32)
-        >>> y = (x[..., 0] > 0).astype(np.float32)
-        >>> spec = MLPSpec(in_features=3, out_features=1, hidden_units=8, hidden_layers=1)
-        >>> evals = {"train": (x.reshape(-1, 3), y.reshape(-1))}
-        >>> out = train_classifier(spec, train_x=x, train_y=y, eval_sets=evals, combiner=gradand.AndMask(0.5),
-        ...     loss="bce", epochs=2, batch_size=8, lr=1e-2, show_progress=False)
-        >>> sorted(out["final"]), out["steps"]
-        (['train'], 4)
+        >>> from gradand.experiments.jax_training import BACKEND, MLPSpec
+        >>> spec = MLPSpec(in_features=3, out_features=1, hidden_units=4, hidden_layers=1)
+        >>> model = BACKEND.build(spec, seed=0)
+        >>> sorted(model.params), model.state
+        (['b0', 'b1', 'w0', 'w1'], {})
     """
-    gj = _need_jax()
-    dev = resolve_device(device)
-    if loss not in ("bce", "ce"):
-        raise ValueError(f"loss must be 'bce' or 'ce'; got {loss!r}")
-    n_envs, n_per_env = train_x.shape[0], train_x.shape[1]
-    _, group, groups_per_epoch, steps_per_epoch = epoch_schedule(n_envs, n_per_env, batch_size, envs_per_step)
-    use_mean = isinstance(combiner, Mean)
-    if not use_mean and (spec["batch_norm"] or spec["dropout"] > 0):
-        raise ValueError(
-            "per-environment combiners are run without batch norm and dropout in these experiments"
-        )
 
-    with jax.default_device(dev):
-        params, state = init_mlp(spec, seed)
-        milestones = (
-            {} if lr_milestone is None else {max(1, int(lr_milestone * epochs)) * steps_per_epoch: lr_decay}
-        )
-        schedule = optax.piecewise_constant_schedule(lr, milestones)
-        opt = optax.chain(
-            optax.add_decayed_weights(weight_decay), optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8)
-        )
-        opt_state = opt.init(params)
-        x_all = jnp.asarray(train_x)
-        y_all = jnp.asarray(train_y if loss == "bce" else train_y.astype(np.int32))
+    spec: MLPSpec
+    params: dict[str, Any]
+    state: dict[str, Any]
 
-        def mean_loss(p: Any, st: Any, xb: Any, yb: Any, key: Any) -> Any:
-            flat_x = xb.reshape((-1, *xb.shape[2:]))
-            out, new_st = apply_mlp(spec, p, st, flat_x, train=True, key=key)
-            return _loss(loss, out, yb.reshape(-1)), new_st
+
+def _example_losses(kind: str, logits: Any, y: Any) -> Any:
+    """Per-example losses of logits (..., k) and labels (...)."""
+    if kind == "bce":
+        return optax.sigmoid_binary_cross_entropy(logits[..., 0], y)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+class _Trainer:
+    """:class:`gradand.experiments.training.Trainer` of an :class:`MLP` (optax Adam, jitted steps)."""
+
+    def __init__(self, model: MLP, options: training.TrainOptions) -> None:
+        combiner, loss, weight_decay, l1, seed, device = options
+        gj = _need_jax()
+        spec = model.spec
+        use_mean = isinstance(combiner, Mean)
+        if not use_mean and (spec["batch_norm"] or spec["dropout"] > 0):
+            raise ValueError(
+                "per-environment combiners are run without batch norm and dropout in these experiments"
+            )
+        self._device = resolve_device(device)
+        self._use_mean = use_mean
+        self._params, self._state = jax.device_put((model.params, model.state), self._device)
+        self._spec = spec
+        opt = optax.inject_hyperparams(
+            lambda learning_rate: optax.chain(
+                optax.add_decayed_weights(weight_decay),
+                optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8),
+            )
+        )(learning_rate=0.0)
+        self._opt_state = jax.device_put(opt.init(self._params), self._device)
+        self._key = jax.device_put(jax.random.key(seed + 1), self._device)
 
         def env_loss(p: Any, batch: Any) -> Any:
             xe, ye = batch
-            out, _ = apply_mlp(spec, p, state, xe, train=True)
-            return _loss(loss, out, ye)
+            out, _ = apply_mlp(spec, p, self._state, xe, train=True)
+            return _example_losses(loss, out, ye).mean()
 
-        combined = (
-            None
-            if use_mean
-            else gj.value_and_grad(env_loss, combiner, method="factored", nan_policy="propagate")
-        )
+        combined = gj.value_and_grad(env_loss, combiner, method="factored", nan_policy="propagate")
 
-        def finish(p: Any, grads: Any, o: Any) -> tuple[Any, Any]:
+        def gradients(p: Any, st: Any, x: Any, y: Any, key: Any) -> Any:
+            """The objective, in one place: ``(grads, new batch-norm state, kept fraction)``."""
+            if use_mean:
+
+                def mean_loss(p: Any) -> Any:
+                    out, new_st = apply_mlp(spec, p, st, x.reshape((-1, *x.shape[2:])), train=True, key=key)
+                    losses = _example_losses(loss, out.reshape((*x.shape[:2], *out.shape[1:])), y).mean(1)
+                    return losses.mean(), new_st
+
+                (_, new_st), grads = jax.value_and_grad(mean_loss, has_aux=True)(p)
+                return grads, new_st, jnp.ones(())
+            (_, result), grads = combined(p, (x, y))
+            return grads, st, result.summary.survivor_fraction
+
+        @jax.jit
+        def step(p: Any, st: Any, o: Any, x: Any, y: Any, key: Any) -> Any:
+            grads, st, kept = gradients(p, st, x, y, key)
             if l1 > 0:
                 grads = jax.tree.map(lambda g, w: g + l1 * jnp.sign(w), grads, p)
             updates, o = opt.update(grads, o, p)
-            return optax.apply_updates(p, updates), o
-
-        @jax.jit
-        def step_mean(p: Any, st: Any, o: Any, xb: Any, yb: Any, key: Any) -> Any:
-            (_, new_st), grads = jax.value_and_grad(mean_loss, has_aux=True)(p, st, xb, yb, key)
-            p, o = finish(p, grads, o)
-            return p, new_st, o, jnp.ones(())
-
-        @jax.jit
-        def step_combined(p: Any, st: Any, o: Any, xb: Any, yb: Any, key: Any) -> Any:
-            (_, result), grads = combined(p, (xb, yb))
-            p, o = finish(p, grads, o)
-            return p, st, o, result.summary.survivor_fraction
+            return optax.apply_updates(p, updates), st, o, kept
 
         @jax.jit
         def predict(p: Any, st: Any, x: Any) -> Any:
             out, _ = apply_mlp(spec, p, st, x, train=False)
             return (out[..., 0] > 0).astype(jnp.float32) if loss == "bce" else jnp.argmax(out, -1)
 
-        evals = {name: (jnp.asarray(ex), np.asarray(ey)) for name, (ex, ey) in eval_sets.items()}
-        curve: dict[str, list[float]] = {"epoch": [], **{name: [] for name in evals}}
-        survivors: list[Any] = []
-        rng = np.random.default_rng(seed)
-        key = jax.random.key(seed + 1)
-        step_fn = step_mean if use_mean else step_combined
-        start = time.perf_counter()
-        total = epochs * steps_per_epoch
-        bar = progress(range(total), total=total, desc=desc, enabled=show_progress)
-        it = iter(bar)
-        for epoch in range(epochs):
-            perm = np.argsort(rng.random((n_envs, n_per_env)), axis=1)
-            env_order = rng.permutation(n_envs) if group < n_envs else np.arange(n_envs)
-            for s in range(steps_per_epoch):
-                next(it, None)
-                b, g = divmod(s, groups_per_epoch)
-                envs = env_order[g * group : (g + 1) * group]
-                idx = perm[envs, b * batch_size : (b + 1) * batch_size]
-                xb, yb = x_all[envs[:, None], idx], y_all[envs[:, None], idx]
-                key, sub = jax.random.split(key)
-                params, state, opt_state, kept = step_fn(params, state, opt_state, xb, yb, sub)
-                if not use_mean:
-                    survivors.append(kept)
-            if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
-                curve["epoch"].append(epoch + 1)
-                for name, (ex, ey) in evals.items():
-                    pred = np.concatenate(
-                        [
-                            np.asarray(predict(params, state, ex[i : i + 4096]))
-                            for i in range(0, len(ey), 4096)
-                        ]
-                    )
-                    curve[name].append(float(np.mean(pred == ey)))
-        if hasattr(bar, "close"):
-            bar.close()
-    return {
-        "final": {name: curve[name][-1] for name in evals},
-        "curve": curve,
-        "survivor_fraction": float(np.mean([float(k) for k in survivors])) if survivors else 1.0,
-        "steps": total,
-        "seconds": time.perf_counter() - start,
-        "params": params,
-        "state": state,
-    }
+        self._step, self._predict = step, predict
+
+    @property
+    def model(self) -> MLP:
+        return MLP(self._spec, self._params, self._state)
+
+    def put(self, array: np.ndarray) -> Any:
+        return jax.device_put(np.asarray(array), self._device)
+
+    def take(self, array: Any, index: np.ndarray) -> Any:
+        return array[index]
+
+    def set_learning_rate(self, rate: float) -> None:
+        self._opt_state.hyperparams["learning_rate"] = jax.device_put(jnp.float32(rate), self._device)
+
+    def step(self, x: Any, y: Any) -> Any:
+        self._key, sub = jax.random.split(self._key)
+        self._params, self._state, self._opt_state, kept = self._step(
+            self._params, self._state, self._opt_state, x, y, sub
+        )
+        return None if self._use_mean else kept
+
+    def predict(self, x: Any) -> np.ndarray:
+        return np.asarray(self._predict(self._params, self._state, x))
 
 
-def train_patchwork(
-    combiner: Combiner,
-    *,
-    environments: Sequence[int] = (0, 1, 2, 3),
-    steps: int = 1000,
-    lr: float = 0.3,
-    lr_decay: float = 0.9995,
-    weight_decay: float = 0.01,
-    device: str = "cpu",
-) -> Any:
-    """The patchwork regression through :func:`gradand.backends.jax.value_and_grad` (float32).
+class _Backend(training.Backend):
+    """The JAX :class:`gradand.experiments.training.Backend` (``BACKEND``)."""
 
-    Example:
-        >>> import gradand
-        >>> from gradand.experiments.jax_training import train_patchwork
-        >>> train_patchwork(gradand.AndMask(threshold=1.0, rescale=False)).weights.round(2).tolist()
-        [0.0, 0.0, 0.0, 0.0, 3.0]
-    """
-    gj = _need_jax()
-    from gradand.experiments.patchwork import PatchworkResult, inputs
+    trainer_type = _Trainer
+    name = "jax"
+    resolve_device = staticmethod(resolve_device)
 
-    env = list(environments)
-    if not env or any(not 0 <= e < 4 for e in env):
-        raise ValueError(f"environments must be a non-empty subset of 0..3; got {environments!r}")
-    xn, yn = inputs()
-    with jax.default_device(resolve_device(device)):
-        x, y = jnp.asarray(xn[env], dtype=jnp.float32), jnp.asarray(yn[env], dtype=jnp.float32)
+    def build(self, spec: MLPSpec | training.CNNSpec, *, seed: int) -> MLP:
+        _need_jax()
+        if not isinstance(spec, MLPSpec):
+            raise ValueError(
+                "the JAX backend trains the MLP on flat inputs (digits); use --backend torch for CIFAR-10"
+            )
+        return MLP(spec, *init_mlp(spec, seed))
+
+    def patchwork_gradient(
+        self, combiner: Combiner, x: np.ndarray, y: np.ndarray, *, device: str = "cpu"
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        gj = _need_jax()
+        dev = resolve_device(device)
+        xj, yj = jax.device_put((np.float32(x), np.float32(y)), dev)
 
         def loss(w: Any, batch: Any) -> Any:
             xe, ye = batch
             return 0.5 * (xe @ w - ye) ** 2
 
-        grad = gj.value_and_grad(loss, combiner, nan_policy="propagate")
+        grad = jax.jit(lambda w: gj.value_and_grad(loss, combiner, nan_policy="propagate")(w, (xj, yj))[1])
+        return lambda w: np.asarray(grad(jax.device_put(np.float32(w), dev)), dtype=np.float64)
 
-        @jax.jit
-        def run(w: Any) -> Any:
-            def body(carry: Any, _: Any) -> Any:
-                w, rate = carry
-                _, g = grad(w, (x, y))
-                w = w - rate * (g + weight_decay * w)
-                return (w, rate * lr_decay), w
 
-            _, traj = jax.lax.scan(body, (w, jnp.float32(lr)), None, length=steps)
-            return traj
+#: The JAX backend of the experiments (``training.get_backend("jax")``).
+BACKEND = _Backend()
 
-        traj = np.concatenate(
-            [np.zeros((1, 5)), np.asarray(run(jnp.zeros(5, jnp.float32)), dtype=np.float64)]
-        )
-    wn = traj[-1]
-    per_env = 0.5 * (xn @ wn - yn) ** 2
-    held = [e for e in range(4) if e not in env]
-    return PatchworkResult(
-        weights=wn,
-        trajectory=traj,
-        train_loss=float(per_env[env].mean()),
-        heldout_loss=float(per_env[held].mean()) if held else math.nan,
-    )
+
+def train_classifier(spec: MLPSpec | MLP, **options: Any) -> dict[str, Any]:
+    """:func:`gradand.experiments.training.train_classifier` with ``backend="jax"`` (same arguments).
+
+    The model is given as an :class:`MLPSpec` (initialised from ``init_seed``,
+    default ``seed``) or a built :class:`MLP`; the result also holds the
+    trained ``"params"`` and batch-norm ``"state"``.
+
+    Example:
+        >>> import numpy as np, gradand
+        >>> from gradand.experiments.jax_training import MLPSpec, train_classifier
+        >>> x = np.ones((3, 4, 2), np.float32)
+        >>> out = train_classifier(MLPSpec(in_features=2, out_features=5, hidden_units=4, hidden_layers=2),
+        ...     train_x=x, train_y=np.zeros((3, 4), np.int64), eval_sets={}, combiner=gradand.AndMask(1.0),
+        ...     loss="ce", epochs=1, batch_size=2, lr=1e-3, show_progress=False)
+        >>> [out["params"][k].shape for k in ("w0", "w1", "w2")], out["state"]
+        ([(2, 4), (4, 4), (4, 5)], {})
+    """
+    out = training.train_classifier(spec, backend=BACKEND, **options)
+    return {**out, "params": out["model"].params, "state": out["model"].state}
+
+
+def train_patchwork(combiner: Combiner, **options: Any) -> Any:
+    """:func:`gradand.experiments.patchwork.train` with the combined gradient from JAX (float32).
+
+    Example:
+        >>> import gradand
+        >>> from gradand.experiments.jax_training import train_patchwork
+        >>> two = train_patchwork(gradand.GeometricMean(rescale=False), environments=(0, 1))
+        >>> two.weights.round(2).tolist(), round(two.heldout_loss, 3)
+        ([0.0, 0.0, 0.0, 0.0, 3.0], 0.005)
+    """
+    from gradand.experiments.patchwork import train
+
+    return train(combiner, backend="jax", **options)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import pickle
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from gradand.experiments import TRAINING_MODULES as _TRAINING_MODULES
+from gradand.experiments import TRAINING_MODULES
+from gradand.experiments.training import CNNSpec, MLPSpec, train_classifier
 
 __all__ = [
     "CIFAR10_CHANGES",
@@ -220,29 +220,18 @@ QUICK_THRESHOLDS: tuple[float, ...] = (0.0, 0.2)
 LABELS: tuple[str, ...] = ("random", "true")
 
 
-def _model(backend: str, data: Dataset, setting: MemorizationSetting, seed: int) -> Any:
-    """The classifier in ``backend``'s idiom: an MLP on flat inputs (a small CNN on images, torch)."""
+def _model(data: Dataset, setting: MemorizationSetting) -> MLPSpec | CNNSpec:
+    """The classifier: an MLP on flat inputs, a small CNN on images (PyTorch only)."""
     n_in, n_out = data.train_x.shape[1], data.n_classes
-    shape = dict(hidden_units=setting.hidden_units, hidden_layers=setting.hidden_layers, activation="relu")
-    if backend == "torch":
-        import torch
-
-        from gradand.experiments.torch_training import mlp, small_cnn
-
-        torch.manual_seed(seed)
-        return mlp(n_in, n_out, **shape) if data.train_x.ndim == 2 else small_cnn(n_in, n_out)
     if data.train_x.ndim != 2:
-        name = "JAX" if backend == "jax" else "TensorFlow"
-        raise ValueError(
-            f"the {name} backend trains the MLP on flat inputs (digits); use --backend torch for CIFAR-10"
-        )
-    if backend == "jax":
-        from gradand.experiments.jax_training import MLPSpec
-
-        return MLPSpec(in_features=n_in, out_features=n_out, **shape)
-    from gradand.experiments.tf_training import build_mlp
-
-    return build_mlp(n_in, n_out, seed=seed, **shape)
+        return CNNSpec(in_channels=n_in, n_classes=n_out)
+    return MLPSpec(
+        in_features=n_in,
+        out_features=n_out,
+        hidden_units=setting.hidden_units,
+        hidden_layers=setting.hidden_layers,
+        activation="relu",
+    )
 
 
 def _train(
@@ -259,10 +248,10 @@ def _train(
 ) -> dict[str, Any]:
     from gradand._combiners import AndMask, Mean
 
-    train_classifier = importlib.import_module(_TRAINING_MODULES[backend]).train_classifier
     combiner = Mean() if threshold == 0 else AndMask(threshold=threshold, rescale=True)
     return train_classifier(
-        _model(backend, data, setting, seed),
+        _model(data, setting),
+        backend=backend,
         train_x=data.train_x[:, None],
         train_y=train_y[:, None],
         eval_sets={"train": (data.train_x, train_y), "test": (data.test_x, data.test_y)},
@@ -282,7 +271,7 @@ def _train(
 
 
 #: Backends that can train this experiment, and their training function.
-TRAINERS = {name: functools.partial(_train, name) for name in _TRAINING_MODULES}
+TRAINERS = {name: functools.partial(_train, name) for name in TRAINING_MODULES}
 
 
 def run(

@@ -11,15 +11,27 @@ is also the one that transfers to environments not seen in training.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from gradand._combine import combine
 from gradand._combiners import AndMask, Combiner, GeometricMean, Mean
+from gradand.experiments import TRAINING_MODULES
+from gradand.experiments.training import get_backend
 
-__all__ = ["MEAN_WEIGHTS", "SETTINGS", "PatchworkResult", "default_combiners", "inputs", "reproduce", "train"]
+__all__ = [
+    "GRADIENTS",
+    "MEAN_WEIGHTS",
+    "SETTINGS",
+    "PatchworkResult",
+    "default_combiners",
+    "gradient",
+    "inputs",
+    "reproduce",
+    "train",
+]
 
 
 def inputs() -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +78,39 @@ def default_combiners() -> dict[str, Combiner]:
     }
 
 
+def gradient(
+    combiner: Combiner, x: np.ndarray, y: np.ndarray, *, device: str = "cpu"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The reference: ``gradient(w)``, the numpy core's ``combine`` of the gradients of ``½ (x_e·w - y_e)²``.
+
+    Each environment's gradient is written out by hand, ``(x_e·w - y_e) x_e``;
+    the backends' :meth:`~gradand.experiments.training.Backend.patchwork_gradient`
+    compute the same with their autodiff and combiners, and are compared with this.
+
+    Example:
+        >>> import numpy as np, gradand
+        >>> from gradand.experiments.patchwork import gradient, inputs
+        >>> x, y = inputs()
+        >>> gradient(gradand.Mean(), x, y)(np.zeros(5)).round(3).tolist()
+        [-0.75, -0.75, -0.75, -0.75, -0.3]
+    """
+    if device != "cpu":
+        raise ValueError(f"the numpy backend runs on the CPU; got --device {device!r}")
+
+    def combined(w: np.ndarray) -> np.ndarray:
+        residual = x @ w - y  # (E,)
+        return combine(residual[:, None] * x, combiner)  # (E, 5): one gradient per environment
+
+    return combined
+
+
+#: Where each backend's patchwork gradient comes from (frameworks imported only when used).
+GRADIENTS: dict[str, Callable[[], Callable[..., Callable[[np.ndarray], np.ndarray]]]] = {
+    "numpy": lambda: gradient,
+    **{name: (lambda name=name: get_backend(name).patchwork_gradient) for name in TRAINING_MODULES},
+}
+
+
 def train(
     combiner: Combiner,
     *,
@@ -74,11 +119,16 @@ def train(
     lr: float = 0.3,
     lr_decay: float = 0.9995,
     weight_decay: float = 0.01,
+    backend: str = "numpy",
+    device: str = "cpu",
 ) -> PatchworkResult:
     """Gradient descent on ``½ (x·w - y)²`` per environment, combined with ``combiner``.
 
     Weight decay is added after combining (it is not masked), the learning
-    rate decays by ``lr_decay`` per step, as in the reference notebook.
+    rate decays by ``lr_decay`` per step, as in the reference notebook. The
+    weights are float64 numpy; ``backend`` computes the combined gradient
+    (:data:`GRADIENTS`: ``numpy``, the reference, or a framework's
+    :meth:`~gradand.experiments.training.Backend.patchwork_gradient`, on ``device``).
 
     Example:
         >>> import gradand
@@ -92,12 +142,15 @@ def train(
     env = list(environments)
     if not env or any(not 0 <= e < 4 for e in env):
         raise ValueError(f"environments must be a non-empty subset of 0..3; got {environments!r}")
+    if backend not in GRADIENTS:
+        raise ValueError(
+            f"backend {backend!r} is not supported for the patchwork experiment; use {', '.join(GRADIENTS)}"
+        )
+    combined = GRADIENTS[backend]()(combiner, x[env], y[env], device=device)
     w = np.zeros(5)
     trajectory = [w.copy()]
     for _ in range(steps):
-        residual = x[env] @ w - y[env]  # (E,)
-        grads = residual[:, None] * x[env]  # (E, 5): one gradient per environment
-        w = w - lr * (combine(grads, combiner) + weight_decay * w)
+        w = w - lr * (combined(w) + weight_decay * w)
         lr *= lr_decay
         trajectory.append(w.copy())
     losses = 0.5 * (x @ w - y) ** 2
@@ -113,29 +166,6 @@ def train(
 #: The expected weights of the notebook (paper Fig. 1 discussion).
 MEAN_WEIGHTS: tuple[float, ...] = (0.32, 0.32, 0.32, 0.32, 0.13)
 SETTINGS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3), (0, 1))
-
-
-def _trainer(backend: str, device: str) -> Any:
-    if backend == "numpy":
-        if device != "cpu":
-            raise ValueError(f"the numpy backend runs on the CPU; got --device {device!r}")
-        return train
-    if backend == "torch":
-        from gradand.experiments.torch_training import train_patchwork
-
-        return lambda combiner, **kw: train_patchwork(combiner, device=device, **kw)
-    if backend == "jax":
-        from gradand.experiments.jax_training import train_patchwork as train_jax
-
-        return lambda combiner, **kw: train_jax(combiner, device=device, **kw)
-    if backend == "tensorflow":
-        from gradand.experiments.tf_training import train_patchwork as train_tf
-
-        return lambda combiner, **kw: train_tf(combiner, device=device, **kw)
-    raise ValueError(
-        f"backend {backend!r} is not supported for the patchwork experiment; "
-        f"use numpy, torch, jax or tensorflow"
-    )
 
 
 def reproduce(
@@ -157,14 +187,13 @@ def reproduce(
     """
     from gradand.experiments._report import Check, Report, format_table
 
-    fit = _trainer(backend, device)
     results: dict[str, dict[str, Any]] = {}
     rows = []
     for envs in SETTINGS:
         key = f"{len(envs)} envs"
         results[key] = {}
         for name, combiner in default_combiners().items():
-            r = fit(combiner, environments=envs, steps=steps)
+            r = train(combiner, environments=envs, steps=steps, backend=backend, device=device)
             results[key][name] = {
                 "environments": list(envs),
                 "weights": [round(float(w), 4) for w in r.weights],

@@ -16,22 +16,22 @@ Every example has ``2 + shortcut_dims`` features:
 A model that sews the environments' shortcuts into a patchwork reaches
 perfect training accuracy and chance test accuracy; only a model of the
 spirals generalises. This module builds the data and holds the presets; the
-training loops live with the backends (:mod:`gradand.experiments.torch_training`).
+training loop is :func:`gradand.experiments.training.train_classifier`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from gradand.experiments import TRAINING_MODULES as _TRAINING_MODULES
+from gradand.experiments import TRAINING_MODULES
 from gradand.experiments._parallel import run_jobs, worker_plan
 from gradand.experiments._report import progress
+from gradand.experiments.training import MLPSpec, train_classifier
 
 __all__ = [
     "BASELINES",
@@ -314,30 +314,6 @@ def combiner_from(spec: tuple[str, dict[str, Any]]) -> Any:
 BASELINES: tuple[str, ...] = ("mean", "dropout", "batch_norm", "l1", "l2")
 
 
-def _mlp(backend: str, d: int, train: TrainSetting, spec: dict[str, Any], seed: int) -> Any:
-    """The spirals MLP (d inputs, 1 logit) in ``backend``'s idiom."""
-    shape = dict(
-        hidden_units=train.hidden_units,
-        hidden_layers=train.hidden_layers,
-        dropout=spec["dropout"],
-        batch_norm=spec["batch_norm"],
-    )
-    if backend == "torch":
-        import torch
-
-        from gradand.experiments.torch_training import mlp
-
-        torch.manual_seed(seed)
-        return mlp(d, 1, **shape)
-    if backend == "jax":
-        from gradand.experiments.jax_training import MLPSpec
-
-        return MLPSpec(in_features=d, out_features=1, **shape)
-    from gradand.experiments.tf_training import build_mlp
-
-    return build_mlp(d, 1, seed=seed, **shape)
-
-
 def _train(
     backend: str,
     data: SpiralsData,
@@ -345,14 +321,23 @@ def _train(
     spec: dict[str, Any],
     *,
     seed: int,
+    init_seed: int | None = None,
     device: str,
     show_progress: bool,
     desc: str,
 ) -> dict[str, Any]:
-    train_classifier = importlib.import_module(_TRAINING_MODULES[backend]).train_classifier
+    """One run: the spirals MLP (initialised from ``init_seed``, default ``seed``), batches from ``seed``."""
     d = data.train_x.shape[-1]
-    return train_classifier(
-        _mlp(backend, d, train, spec, seed),
+    out = train_classifier(
+        MLPSpec(
+            in_features=d,
+            out_features=1,
+            hidden_units=train.hidden_units,
+            hidden_layers=train.hidden_layers,
+            dropout=spec["dropout"],
+            batch_norm=spec["batch_norm"],
+        ),
+        backend=backend,
         train_x=data.train_x,
         train_y=data.train_y,
         eval_sets={
@@ -370,14 +355,17 @@ def _train(
         lr_decay=train.lr_decay,
         eval_every=train.eval_every,
         seed=seed,
+        init_seed=init_seed,
         device=device,
         show_progress=show_progress,
         desc=desc,
     )
+    del out["model"]  # results cross process boundaries; a framework's model need not pickle
+    return out
 
 
 #: Backends that can train the spirals task, and their training function.
-TRAINERS = {name: functools.partial(_train, name) for name in _TRAINING_MODULES}
+TRAINERS = {name: functools.partial(_train, name) for name in TRAINING_MODULES}
 
 
 def _run_one(
