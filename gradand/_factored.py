@@ -27,7 +27,7 @@ from gradand._namespace import (
     check_nan_policy,
 )
 from gradand._outer import OUTER_STATISTICS, outer_statistics
-from gradand._stats import Statistics, statistics
+from gradand._stats import Fold, Statistics, statistics
 
 __all__ = ["LayerFactors", "layer_statistics"]
 
@@ -204,6 +204,7 @@ def _statistics(
         per_env = math.prod(shape) * 4
         chunk_size = envs if outer else max(1, CHUNK_BYTES // max(per_env, 1))
     out = Statistics()
+    fold = Fold(combiner, envs, nan_policy=policy, xp=xp, _checked_later=later)
     for start in range(0, envs, chunk_size):
         sl = slice(start, min(start + chunk_size, envs))
         if outer:
@@ -221,16 +222,23 @@ def _statistics(
                 part = part.replace(dtype=dtype)
             if shape != tuple(part.shape):
                 part = _reshaped(part, shape, xp)
+            out = out + part
         else:
             g = _gradients(factors, sl, layout, xp)
             dtype = g.dtype  # the update comes back in the gradients' dtype
             if scale is not None:
                 g = xp.astype(g, accumulation_dtype(g.dtype, xp)) / scale
             g = xp.reshape(g, (g.shape[0], *shape))
-            part = statistics(g, combiner, axis=0, nan_policy=policy, xp=xp, _checked_later=later)
-            if part.dtype != dtype:
-                part = part.replace(dtype=dtype)
-        out = out + part
+            if g.shape[0] == envs:  # one chunk: the dense statistics
+                out = statistics(g, combiner, axis=0, nan_policy=policy, xp=xp, _checked_later=later)
+            elif g.shape[0] == 1:  # chunks folded as they come: a sum, not a merge, per chunk
+                fold.add(g[0, ...])
+            else:
+                fold.add(g, axis=0)
+    if out.is_empty:
+        out = fold.result()
+    if out.dtype != dtype:
+        out = out.replace(dtype=dtype)
     if nan_policy == "raise" and out.mean is not None:
         # the checked mean is kept: in a traced graph (tf.function) the check is on the data path
         out = out.replace(mean=apply_nan_policy(out.mean, xp, "raise", "a per-environment gradient"))

@@ -303,22 +303,23 @@ def _merge2(a: Statistics, b: Statistics) -> Statistics:
 
 
 class Fold:
-    """Statistics of one tensor folded from one environment's gradient at a time (O(P) memory).
+    """Statistics of one tensor folded from environments' gradients as they come (O(P) memory).
 
-    The streaming sources' accumulator: ``fold.add(g)`` per environment, then
-    ``fold.result()``. It gives :func:`statistics` of the stacked gradients (the
-    same exact votes, the means up to summation order) without a
-    :func:`merge` per environment: with ``expected`` environments known, means
-    are sums of terms scaled by a power of two ``>= expected`` (exact scaling;
-    the sum cannot overflow where the gradients do not); otherwise running
-    means. Votes are summed as floats while that is exact (up to ``2**24``),
-    as int32 beyond; ``M2`` by Welford's update (Chan's merge with one side of
-    one environment).
+    The accumulator behind the streaming sources and the factored engine's chunks:
+    ``fold.add(g)`` per environment (or ``fold.add(chunk, axis=0)`` per chunk of
+    environments), then ``fold.result()``. It gives :func:`statistics` of the
+    stacked gradients (the same exact votes, the means up to summation order)
+    without a :func:`merge` per environment: with ``expected`` environments
+    known, means are sums of terms scaled by a power of two ``>= expected``
+    (exact scaling; the sum cannot overflow where the gradients do not),
+    otherwise running means. Votes are summed as floats while that is exact (up
+    to ``2**24``), as int32 beyond. ``M2`` (``SandMask``) is merged by Chan et
+    al.'s update, one part at a time.
 
     Args:
         combiner: the combiner whose statistics to fold.
         expected: the number of environments that will be added (``None`` when unknown).
-        nan_policy: as in :func:`statistics`, applied to each gradient.
+        nan_policy: as in :func:`statistics`, applied to each part.
         xp: the array namespace, when it cannot be inferred (TensorFlow).
         name: how errors name the gradients.
 
@@ -341,6 +342,7 @@ class Fold:
         nan_policy: NanPolicy = "raise",
         xp: Any = None,
         name: str = "grads",
+        _checked_later: bool = False,
     ) -> None:
         from gradand._combiners import Combiner
 
@@ -350,25 +352,28 @@ class Fold:
             )
         check_nan_policy(nan_policy)
         needed = combiner.statistics
+        self._combiner = combiner
         self._mean = "mean" in needed
         self._votes = "sign_sum" in needed
         self._logs = "log_abs_mean" in needed
-        self._welford = "m2" in needed
+        self._merging = "m2" in needed  # Chan's update: M2 is no sum of per-part terms
         self._eps = getattr(combiner, "eps", None) if self._logs else None
         self._expected = expected
         self._scale = _power_of_two_at_least(expected) if expected else None
+        self._int_votes = (expected or MAX_COUNT) > _EXACT_FLOAT_SIGN_SUM
         self._nan_policy = nan_policy
+        self._checked_later = _checked_later  # a caller that raises on a non-finite mean afterwards
         self._xp = xp
         self._name = name
         self._count: Any = 0  # Python int, or a 0-d array once an environment's presence is data
-        self._k = 0.0  # Welford's running count (float), for weighted presence
         self._sums: dict[str, Any] = {}
+        self._merged = Statistics()
         self._dtype: Any = None
 
     @property
     def needs_values(self) -> bool:
         """Whether a zero gradient must still be added as values (``log|g|`` or ``M2`` change)."""
-        return self._logs or self._welford
+        return self._logs or self._merging
 
     def seed(self, dtype: Any, xp: Any) -> float | None:
         """A power of two a backend may seed each environment's backward pass with, or ``None``.
@@ -386,69 +391,92 @@ class Fold:
 
     def arrays(self) -> list[Any]:
         """The running accumulators (for a framework's control dependencies)."""
+        if self._merging:
+            return list(self._merged.arrays().values())
         return list(self._sums.values())
 
     def skip(self, present: Any = None) -> None:
         """Count one environment whose gradient is zero, without its values (see :attr:`needs_values`)."""
         if self.needs_values:
             raise ValueError("this combiner's statistics change with a zero gradient: add() the zeros")
-        self._count = self._count + (1 if present is None else self._presence_count(present))
+        self._count = self._count + (1 if present is None else self._as_count(present))
 
-    def _presence_count(self, present: Any) -> Any:
+    def _as_count(self, present: Any) -> Any:
         xp = self._xp or array_namespace(present, name="present")
         return xp.astype(present, xp.int32)
 
-    def add(self, g: Any, *, present: Any = None, seeded: bool = False) -> None:
-        """Add one environment's gradient ``g``; ``present`` (0-d bool array): whether it counts.
+    def add(self, g: Any, *, axis: int | None = None, present: Any = None, seeded: bool = False) -> None:
+        """Add one environment's gradient ``g`` (``axis=0``: a chunk of environments along axis 0).
 
-        ``seeded``: ``g`` was computed with :meth:`seed` as the backward pass's seed.
+        ``present`` (0-d bool array, one environment only): whether it counts. ``seeded``: ``g``
+        was computed with :meth:`seed` as the backward pass's seed.
         """
         xp = self._xp = array_namespace(g, xp=self._xp)
         if self._dtype is None:
             check_float(g, xp, self._name)
             self._dtype = g.dtype
+        if axis not in (None, 0):
+            raise ValueError(f"axis must be None (one environment) or 0 (a chunk); got {axis!r}")
+        if axis is not None and present is not None:
+            raise ValueError("present marks one environment: pass it with axis=None")
+        n = 1 if axis is None else int(g.shape[0])
+        if self._merging:
+            self._merge_part(g, axis, present, xp)
+            return
         acc = accumulation_dtype(g.dtype, xp)
         g = g if g.dtype == acc else xp.astype(g, acc)
         g, finite = apply_nan_policy(g, xp, self._nan_policy, self._name, report=True)
+        finite = finite or self._checked_later
         w = None
         if present is not None:
             if self._scale is None:
                 raise ValueError("Fold: an environment's presence needs the expected number of environments")
             w = xp.astype(present, acc)
             g = g * w
-        self._count = self._count + (1 if present is None else xp.astype(present, xp.int32))
-        sums = self._sums
+            self._count = self._count + xp.astype(present, xp.int32)
+        else:
+            self._count = self._count + n
         if self._votes:
-            if (self._expected or MAX_COUNT) > _EXACT_FLOAT_SIGN_SUM:
-                votes = xp.astype(vote_signs(g, xp, finite=finite), xp.int32)
+            if self._int_votes:
+                votes = sign_votes(g, xp, axis=axis, finite=finite)
             else:
                 votes = vote_signs(g, xp, finite=finite)
-            sums["sign_sum"] = votes if "sign_sum" not in sums else sums["sign_sum"] + votes
-        if self._welford:
-            self._k = self._k + (1.0 if w is None else w)
-            if "mean" not in sums:
-                sums["mean"], sums["m2"] = g, xp.zeros_like(g)
-            else:
-                mean = sums["mean"]
-                d = g - mean
-                step = d / self._k if w is None else d * (w / xp.where(self._k > 0, self._k, 1.0))
-                sums["mean"] = mean + step
-                sums["m2"] = sums["m2"] + (d if w is None else d * w) * (g - sums["mean"])
-        elif self._mean:
-            self._accumulate("mean", g, xp, seeded)
+                votes = votes if axis is None else xp.sum(votes, axis=0)
+            self._put("sign_sum", votes)
+        if self._mean:
+            self._accumulate("mean", g, axis, n, xp, seeded)
         if self._logs:
             logs = xp.log(xp.abs(g) + self._eps)
-            self._accumulate("log_abs_mean", logs if w is None else logs * w, xp)
+            self._accumulate("log_abs_mean", logs if w is None else logs * w, axis, n, xp, False)
 
-    def _accumulate(self, key: str, v: Any, xp: Any, seeded: bool = False) -> None:
-        sums = self._sums
+    def _put(self, key: str, v: Any) -> None:
+        self._sums[key] = v if key not in self._sums else self._sums[key] + v
+
+    def _accumulate(self, key: str, v: Any, axis: int | None, n: int, xp: Any, seeded: bool) -> None:
         if self._scale is not None:  # a sum of exactly scaled terms
             term = v if self._scale == 1.0 or seeded else v * (1.0 / self._scale)
-            sums[key] = term if key not in sums else sums[key] + term
-        elif key not in sums:  # running mean; the count is a Python int here (no presence)
-            sums[key] = v
+            self._put(key, term if axis is None else xp.sum(term, axis=0))
+            return
+        part = v if axis is None else xp.sum(v, axis=0) / n  # running mean; count is a Python int
+        if key not in self._sums:
+            self._sums[key] = part
         else:
-            sums[key] = sums[key] + (v - sums[key]) / self._count
+            self._sums[key] = self._sums[key] + (part - self._sums[key]) * (n / self._count)
+
+    def _merge_part(self, g: Any, axis: int | None, present: Any, xp: Any) -> None:
+        part = statistics(
+            g,
+            self._combiner,
+            axis=axis,
+            nan_policy=self._nan_policy,
+            xp=xp,
+            _checked_later=self._checked_later,
+        )
+        if present is not None:
+            weight = {k: a * xp.astype(present, a.dtype) for k, a in part.arrays().items()}
+            part = part.replace(count=xp.asarray(xp.astype(present, xp.int32)), **weight)  # 0-d array
+        self._merged = self._merged + part
+        self._count = self._merged.count
 
     def result(self, like: Any = None) -> Statistics:
         """The folded statistics (``Statistics()`` when nothing was counted).
@@ -456,6 +484,8 @@ class Fold:
         ``like``: a tensor of the gradient's shape and dtype, for a fold whose environments were
         all skipped (zero gradients everywhere: zero means, no votes).
         """
+        if self._merging:
+            return self._merged
         if not self._sums:
             if isinstance(self._count, int) and self._count == 0:
                 return Statistics()
@@ -463,29 +493,25 @@ class Fold:
                 raise ValueError("environments were counted with skip() but none was added: no shape known")
             xp = self._xp or array_namespace(like, name="like")
             zeros = xp.zeros_like(like, dtype=accumulation_dtype(like.dtype, xp))
-            out0: dict[str, Any] = {}
+            empty: dict[str, Any] = {}
             if self._mean:
-                out0["mean"] = zeros
+                empty["mean"] = zeros
             if self._votes:
-                out0["sign_sum"] = xp.astype(zeros, xp.int32)
-            return Statistics(count=self._count, dtype=like.dtype, eps=self._eps, **out0)
+                empty["sign_sum"] = xp.astype(zeros, xp.int32)
+            return Statistics(count=self._count, dtype=like.dtype, eps=self._eps, **empty)
         xp = self._xp
         out = dict(self._sums)
         count = self._count
-        if isinstance(count, int):
-            denom: Any = count
-        else:
-            like = next(v for k, v in out.items() if k != "sign_sum")
-            denom = xp.astype(count, like.dtype)
-            denom = xp.where(denom > 0, denom, xp.ones_like(denom))
-        if self._scale is not None and not self._welford:
+        if self._scale is not None:
+            if isinstance(count, int):
+                denom: Any = count / self._scale
+            else:
+                like_f = next(v for k, v in out.items() if k != "sign_sum")
+                c = xp.astype(count, like_f.dtype)
+                denom = xp.where(c > 0, c, xp.ones_like(c)) / self._scale
             for key in ("mean", "log_abs_mean"):
                 if key in out:
-                    out[key] = out[key] / (denom / self._scale)
-        if self._welford and self._logs and self._scale is not None:
-            out["log_abs_mean"] = out["log_abs_mean"] / (denom / self._scale)
-        if self._welford and not self._mean:
-            del out["mean"]
+                    out[key] = out[key] / denom
         if "sign_sum" in out and out["sign_sum"].dtype != xp.int32:
             out["sign_sum"] = xp.astype(out["sign_sum"], xp.int32)
         return Statistics(count=count, dtype=self._dtype, eps=self._eps, **out)
