@@ -204,7 +204,7 @@ def _statistics(
         per_env = math.prod(shape) * 4
         chunk_size = envs if outer else max(1, CHUNK_BYTES // max(per_env, 1))
     out = Statistics()
-    fold = Fold(combiner, envs, nan_policy=policy, xp=xp, _checked_later=later)
+    fold = None
     for start in range(0, envs, chunk_size):
         sl = slice(start, min(start + chunk_size, envs))
         if outer:
@@ -218,11 +218,9 @@ def _statistics(
             part = outer_statistics(
                 x, d, combiner, nan_policy=policy, xp=xp, _checked_later=later, _in_out=in_out
             )
-            if part.dtype != dtype:
-                part = part.replace(dtype=dtype)
             if shape != tuple(part.shape):
                 part = _reshaped(part, shape, xp)
-            out = out + part
+            out = part if out.is_empty else out + part
         else:
             g = _gradients(factors, sl, layout, xp)
             dtype = g.dtype  # the update comes back in the gradients' dtype
@@ -231,11 +229,14 @@ def _statistics(
             g = xp.reshape(g, (g.shape[0], *shape))
             if g.shape[0] == envs:  # one chunk: the dense statistics
                 out = statistics(g, combiner, axis=0, nan_policy=policy, xp=xp, _checked_later=later)
-            elif g.shape[0] == 1:  # chunks folded as they come: a sum, not a merge, per chunk
+                continue
+            if fold is None:  # chunks folded as they come: a sum, not a merge, per chunk
+                fold = Fold(combiner, envs, nan_policy=policy, xp=xp, _checked_later=later)
+            if g.shape[0] == 1:
                 fold.add(g[0, ...])
             else:
                 fold.add(g, axis=0)
-    if out.is_empty:
+    if fold is not None:
         out = fold.result()
     if out.dtype != dtype:
         out = out.replace(dtype=dtype)
