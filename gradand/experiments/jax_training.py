@@ -177,7 +177,7 @@ class _Trainer:
     """:class:`gradand.experiments.training.Trainer` of an :class:`MLP` (optax Adam, jitted steps)."""
 
     def __init__(self, model: MLP, options: training.TrainOptions) -> None:
-        combiner, loss, weight_decay, l1, seed, device = options
+        combiner, loss, weight_decay, l1, seed, device, penalty = options
         gj = _need_jax()
         spec = model.spec
         use_mean = isinstance(combiner, Mean)
@@ -205,14 +205,30 @@ class _Trainer:
 
         combined = gj.value_and_grad(env_loss, combiner, method="factored", nan_policy="propagate")
 
-        def gradients(p: Any, st: Any, x: Any, y: Any, key: Any) -> Any:
-            """The objective, in one place: ``(grads, new batch-norm state, kept fraction)``."""
+        def gradients(p: Any, st: Any, x: Any, y: Any, key: Any, factors: Any) -> Any:
+            """The objective, in one place: ``(grads, new batch-norm state, kept fraction)``.
+
+            ``factors``: the penalty's (weight, scale) this step (``Penalty.factors``).
+            """
             if use_mean:
 
                 def mean_loss(p: Any) -> Any:
                     out, new_st = apply_mlp(spec, p, st, x.reshape((-1, *x.shape[2:])), train=True, key=key)
-                    losses = _example_losses(loss, out.reshape((*x.shape[:2], *out.shape[1:])), y).mean(1)
-                    return losses.mean(), new_st
+                    out = out.reshape((*x.shape[:2], *out.shape[1:]))
+
+                    def env_losses(s: Any) -> Any:  # (E,) with the logits of environment e scaled by s[e]
+                        scaled = out * s.reshape((-1,) + (1,) * (out.ndim - 1))
+                        return _example_losses(loss, scaled, y).mean(1)
+
+                    ones = jnp.ones(x.shape[0], out.dtype)
+                    losses = env_losses(ones)
+                    if penalty is None:
+                        return losses.mean(), new_st
+                    if penalty.kind == "irm":  # IRMv1: d L_e(s · logits) / ds at s = 1, per environment
+                        term = jnp.mean(jax.grad(lambda s: env_losses(s).sum())(ones) ** 2)
+                    else:  # V-REx: the variance of the environments' losses
+                        term = jnp.mean((losses - losses.mean()) ** 2)
+                    return (losses.mean() + factors[0] * term) * factors[1], new_st
 
                 (_, new_st), grads = jax.value_and_grad(mean_loss, has_aux=True)(p)
                 return grads, new_st, jnp.ones(())
@@ -220,8 +236,8 @@ class _Trainer:
             return grads, st, result.summary.survivor_fraction
 
         @jax.jit
-        def step(p: Any, st: Any, o: Any, x: Any, y: Any, key: Any) -> Any:
-            grads, st, kept = gradients(p, st, x, y, key)
+        def step(p: Any, st: Any, o: Any, x: Any, y: Any, key: Any, factors: Any) -> Any:
+            grads, st, kept = gradients(p, st, x, y, key, factors)
             if l1 > 0:
                 grads = jax.tree.map(lambda g, w: g + l1 * jnp.sign(w), grads, p)
             updates, o = opt.update(grads, o, p)
@@ -233,6 +249,7 @@ class _Trainer:
             return (out[..., 0] > 0).astype(jnp.float32) if loss == "bce" else jnp.argmax(out, -1)
 
         self._step, self._predict = step, predict
+        self._penalty, self._steps = penalty, 0
 
     @property
     def model(self) -> MLP:
@@ -249,8 +266,10 @@ class _Trainer:
 
     def step(self, x: Any, y: Any) -> Any:
         self._key, sub = jax.random.split(self._key)
+        factors = np.float32(self._penalty.factors(self._steps) if self._penalty is not None else (0.0, 1.0))
+        self._steps += 1
         self._params, self._state, self._opt_state, kept = self._step(
-            self._params, self._state, self._opt_state, x, y, sub
+            self._params, self._state, self._opt_state, x, y, sub, factors
         )
         return None if self._use_mean else kept
 

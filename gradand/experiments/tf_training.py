@@ -122,7 +122,7 @@ class _Trainer:
     """:class:`gradand.experiments.training.Trainer` of a Keras model (Keras Adam, ``tf.function`` steps)."""
 
     def __init__(self, model: Any, options: training.TrainOptions) -> None:
-        combiner, loss, weight_decay, l1, _, device = options  # dropout layers carry build()'s seed
+        combiner, loss, weight_decay, l1, _, device, penalty = options  # dropout layers carry build()'s seed
         gtf = _need_tf()
         self._device = dev = resolve_device(device)
         self.model = model
@@ -133,21 +133,37 @@ class _Trainer:
         def env_loss(out: Any, y: Any) -> Any:
             return tf.reduce_mean(_example_losses(loss, out, y))
 
-        def gradients(x: Any, y: Any) -> Any:
-            """The objective, in one place: ``(gradients, kept fraction)``."""
+        def gradients(x: Any, y: Any, factors: Any) -> Any:
+            """The objective, in one place: ``(gradients, kept fraction)``.
+
+            ``factors``: the penalty's (weight, scale) this step (``Penalty.factors``).
+            """
             if isinstance(combiner, Mean):
                 with tf.GradientTape() as tape:
                     out = model(tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0)), training=True)
                     out = tf.reshape(out, tf.concat([tf.shape(x)[:2], tf.shape(out)[1:]], 0))
-                    value = tf.reduce_mean(tf.reduce_mean(_example_losses(loss, out, y), axis=1))
+                    if penalty is None:
+                        value = tf.reduce_mean(tf.reduce_mean(_example_losses(loss, out, y), axis=1))
+                    else:
+                        s = tf.ones(tf.shape(x)[:1], out.dtype)  # one logit scale per environment
+                        with tf.GradientTape() as inner:
+                            inner.watch(s)
+                            scaled = out * tf.reshape(s, [-1] + [1] * (len(out.shape) - 1))
+                            losses = tf.reduce_mean(_example_losses(loss, scaled, y), axis=1)
+                            total = tf.reduce_sum(losses)
+                        if penalty.kind == "irm":  # IRMv1: d L_e(s · logits) / ds at s = 1, per environment
+                            term = tf.reduce_mean(inner.gradient(total, s) ** 2)
+                        else:  # V-REx: the variance of the environments' losses
+                            term = tf.reduce_mean((losses - tf.reduce_mean(losses)) ** 2)
+                        value = (tf.reduce_mean(losses) + factors[0] * term) * factors[1]
                 return tape.gradient(value, variables), tf.constant(1.0)
             grads, result = gtf.model_gradient(model, env_loss, x, y, combiner, nan_policy="propagate")
             return list(grads), result.summary.survivor_fraction
 
         @tf.function(reduce_retracing=True)
-        def step(x: Any, y: Any) -> Any:
+        def step(x: Any, y: Any, factors: Any) -> Any:
             with tf.device(dev):
-                grads, kept = gradients(x, y)
+                grads, kept = gradients(x, y, factors)
                 out = []
                 for g, v in zip(grads, variables):
                     if weight_decay > 0:
@@ -168,6 +184,7 @@ class _Trainer:
 
         self._step, self._predict = step, predict
         self._use_mean = isinstance(combiner, Mean)
+        self._penalty, self._steps = penalty, 0
 
     def put(self, array: np.ndarray) -> Any:
         with tf.device(self._device):
@@ -181,7 +198,9 @@ class _Trainer:
         self._opt.learning_rate = rate
 
     def step(self, x: Any, y: Any) -> Any:
-        kept = self._step(x, y)
+        factors = self._penalty.factors(self._steps) if self._penalty is not None else (0.0, 1.0)
+        self._steps += 1
+        kept = self._step(x, y, tf.constant(factors, tf.float32))
         return None if self._use_mean else kept
 
     def predict(self, x: Any) -> np.ndarray:

@@ -155,13 +155,14 @@ class _Trainer:
     """:class:`gradand.experiments.training.Trainer` of a ``torch.nn.Module`` (Adam)."""
 
     def __init__(self, model: Any, options: training.TrainOptions) -> None:
-        combiner, loss, weight_decay, l1, _, device = options  # dropout draws from the stream build() seeded
+        combiner, loss, weight_decay, l1, _, device, penalty = options  # dropout: build()'s seeded stream
         self._gt = _need_torch()
         self._kind = loss
         self._device = resolve_device(device)
         self.model = model.to(self._device)
         self.model.train()
         self._combiner, self._l1 = combiner, l1
+        self._penalty, self._steps = penalty, 0
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._opt = torch.optim.Adam(self._params, lr=0.0, betas=(0.9, 0.999), weight_decay=weight_decay)
 
@@ -179,12 +180,25 @@ class _Trainer:
     def _env_loss(self, out: Any, y: Any) -> Any:
         return _example_losses(self._kind, out, y).mean()
 
-    def _gradients(self, x: Any, y: Any) -> Any:
+    def gradients(self, x: Any, y: Any) -> Any:
         """The objective, in one place: gradients into ``.grad``; the kept fraction (or ``None``)."""
         if isinstance(self._combiner, Mean):
             out = self.model(x.reshape(-1, *x.shape[2:]))
-            losses = _example_losses(self._kind, out.reshape(*x.shape[:2], *out.shape[1:]), y).mean(1)
-            losses.mean().backward()
+            out = out.reshape(*x.shape[:2], *out.shape[1:])
+            if self._penalty is None:
+                _example_losses(self._kind, out, y).mean(1).mean().backward()
+                return None
+            weight, scale = self._penalty.factors(self._steps)
+            self._steps += 1
+            if self._penalty.kind == "irm":  # IRMv1: d L_e(s · logits) / ds at s = 1, per environment
+                s = torch.ones(x.shape[0], dtype=out.dtype, device=out.device, requires_grad=True)
+                losses = _example_losses(self._kind, out * s.view(-1, *[1] * (out.dim() - 1)), y).mean(1)
+                (ds,) = torch.autograd.grad(losses.sum(), s, create_graph=True)
+                term = (ds**2).mean()
+            else:  # V-REx: the variance of the environments' losses
+                losses = _example_losses(self._kind, out, y).mean(1)
+                term = ((losses - losses.mean()) ** 2).mean()
+            ((losses.mean() + weight * term) * scale).backward()
             return None
         result = self._gt.model_backward(
             self.model, self._env_loss, x, y, self._combiner, method="factored", nan_policy="propagate"
@@ -193,7 +207,7 @@ class _Trainer:
 
     def step(self, x: Any, y: Any) -> Any:
         self._opt.zero_grad(set_to_none=True)
-        kept = self._gradients(x, y)
+        kept = self.gradients(x, y)
         if self._l1 > 0:
             with torch.no_grad():
                 for p in self._params:

@@ -12,8 +12,12 @@ one of them, in its framework's idiom and through gradand's fastest path
 there; :func:`get_backend` finds one by name, importing its framework only
 then. :func:`train_classifier` is the one call the experiments make.
 
-Adding a method (an objective other than a gradand combiner) means changing
-one place per backend: the trainer's ``_gradients``.
+The objective is one place per backend: the ``gradients`` function of its
+trainer, which either combines the environments' gradients with a gradand
+combiner or, for ``Mean()``, differentiates the mean of the per-environment
+losses (a vector ``(E,)``, so a penalty on it, such as V-REx's variance or
+IRMv1's, is one more term there, with its weight one more field of
+:class:`TrainOptions`).
 """
 
 from __future__ import annotations
@@ -26,16 +30,18 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-from gradand._combiners import Combiner
+from gradand._combiners import Combiner, Mean
 from gradand.experiments import TRAINING_MODULES
 from gradand.experiments._report import progress
 from gradand.experiments._schedule import schedule as epoch_schedule
 
 __all__ = [
     "LOSSES",
+    "PENALTIES",
     "Backend",
     "CNNSpec",
     "MLPSpec",
+    "Penalty",
     "TrainOptions",
     "Trainer",
     "check_loss",
@@ -47,6 +53,9 @@ __all__ = [
 
 #: The losses a trainer knows: binary cross-entropy on one logit, cross-entropy on class logits.
 LOSSES: tuple[str, ...] = ("bce", "ce")
+
+#: The invariance penalties a trainer knows (:class:`Penalty`): IRMv1 and V-REx.
+PENALTIES: tuple[str, ...] = ("irm", "vrex")
 
 #: Examples per forward pass when evaluating.
 _EVAL_CHUNK = 4096
@@ -169,6 +178,87 @@ class Trainer(Protocol):
         """Predicted labels (numpy) of the inputs ``x`` (N, ...) in evaluation mode."""
 
 
+class Penalty(NamedTuple):
+    """An invariance penalty added to the mean of the environments' losses: a method, not a combiner.
+
+    The objective of one step over environments e = 1..E (``L_e``: the mean loss
+    over environment e's examples in the step's batch) is::
+
+        scale · (mean_e L_e + w · P)        (w, scale) = penalty.factors(step)
+
+    - ``kind="vrex"`` (V-REx, Krueger et al. 2021): ``P = mean_e (L_e − mean L)²``,
+      the variance of the environments' losses (``ddof=0``, as DomainBed's ``VREx``).
+    - ``kind="irm"`` (IRMv1, Arjovsky et al. 2019): ``P = mean_e (∂L_e(s · f(x))/∂s |_{s=1})²``,
+      the squared gradient of each environment's loss with respect to a dummy scale
+      ``s`` of the logits, by the framework's autodiff (a gradient of a gradient).
+      The gradient is taken on the environment's whole batch, as in the IRM code's
+      Colored MNIST ``penalty`` (a biased estimate of the squared expectation, not
+      DomainBed's product of two half-batch gradients), and averaged over
+      environments as the IRM and DomainBed code do (the paper's ``Σ_e`` is ``E``
+      times this: a factor absorbed into ``weight``).
+
+    Annealing, as in the IRM code: the penalty weight is 1 for the first
+    ``anneal_steps`` steps and ``weight`` (λ) after; whenever the weight is above 1
+    the objective is divided by it (``scale = 1/w``), so the gradient keeps the
+    loss's scale. Weight decay and L1 are added to the objective's gradient
+    afterwards (:meth:`Backend.trainer`), so unlike in the IRM code they are not
+    divided by λ; Adam is not reset when the weight changes.
+
+    Args:
+        kind: ``"irm"`` or ``"vrex"``.
+        weight: λ ≥ 0 (0 after annealing: plain averaging).
+        anneal_steps: steps (≥ 0) with penalty weight 1 before λ applies.
+
+    Example:
+        >>> from gradand.experiments.training import Penalty
+        >>> p = Penalty("irm", 1000.0, anneal_steps=2)
+        >>> [p.factors(step) for step in (0, 1, 2)]
+        [(1.0, 1.0), (1.0, 1.0), (1000.0, 0.001)]
+        >>> Penalty("vrex", 0.5).factors(0)
+        (0.5, 1.0)
+        >>> Penalty("fish", 1.0).check()
+        Traceback (most recent call last):
+        ...
+        ValueError: penalty kind must be 'irm' or 'vrex'; got 'fish'
+    """
+
+    kind: str
+    weight: float
+    anneal_steps: int = 0
+
+    def check(self) -> Penalty:
+        """The penalty itself if its fields are valid, else a ``ValueError`` naming the field.
+
+        Example:
+            >>> from gradand.experiments.training import Penalty
+            >>> Penalty("vrex", -1.0).check()
+            Traceback (most recent call last):
+            ...
+            ValueError: penalty weight must be a finite number >= 0; got -1.0
+        """
+        if self.kind not in PENALTIES:
+            raise ValueError(f"penalty kind must be 'irm' or 'vrex'; got {self.kind!r}")
+        w = self.weight
+        number = isinstance(w, (int, float, np.integer, np.floating)) and not isinstance(w, bool)
+        if not number or not 0 <= w < np.inf:
+            raise ValueError(f"penalty weight must be a finite number >= 0; got {w!r}")
+        a = self.anneal_steps
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or a < 0:
+            raise ValueError(f"penalty anneal_steps must be an integer >= 0; got {a!r}")
+        return self
+
+    def factors(self, step: int) -> tuple[float, float]:
+        """``(penalty weight, objective scale)`` at ``step`` (from 0), as the class docstring says.
+
+        Example:
+            >>> from gradand.experiments.training import Penalty
+            >>> Penalty("vrex", 100.0, anneal_steps=1).factors(5)
+            (100.0, 0.01)
+        """
+        weight = 1.0 if step < self.anneal_steps else float(self.weight)
+        return weight, (1.0 / weight if weight > 1.0 else 1.0)
+
+
 class TrainOptions(NamedTuple):
     """What a :class:`Trainer` needs besides the model (see :meth:`Backend.trainer`).
 
@@ -185,6 +275,7 @@ class TrainOptions(NamedTuple):
     l1: float = 0.0
     seed: int = 0
     device: str = "cpu"
+    penalty: Penalty | None = None
 
 
 class Backend(abc.ABC):
@@ -231,6 +322,7 @@ class Backend(abc.ABC):
         l1: float = 0.0,
         seed: int = 0,
         device: str = "cpu",
+        penalty: Penalty | None = None,
     ) -> Trainer:
         """A :class:`Trainer` of ``model`` on ``device``.
 
@@ -238,6 +330,8 @@ class Backend(abc.ABC):
         (``Mean()``: the gradient of the mean loss), with L2 ``weight_decay``
         and ``l1 · sign(θ)`` added to that update; ``seed`` seeds the
         training's own randomness where the framework needs one (dropout in JAX).
+        With a ``penalty`` (:class:`Penalty`: IRMv1 or V-REx) the update is the
+        gradient of the penalised mean loss; the ``combiner`` must then be ``Mean()``.
 
         Example:
             >>> import gradand
@@ -248,7 +342,16 @@ class Backend(abc.ABC):
             >>> isinstance(backend.trainer(model, combiner=gradand.Mean(), loss="bce"), Trainer)
             True
         """
-        options = TrainOptions(combiner, check_loss(loss), weight_decay, l1, seed, device)
+        if penalty is not None:
+            if not isinstance(penalty, Penalty):
+                raise ValueError(f"penalty must be a Penalty or None; got {penalty!r}")
+            penalty.check()
+            if not isinstance(combiner, Mean):
+                raise ValueError(
+                    f"penalty {penalty.kind!r} is added to the mean of the environments' losses: "
+                    f"the combiner must be Mean(); got {combiner!r}"
+                )
+        options = TrainOptions(combiner, check_loss(loss), weight_decay, l1, seed, device, penalty)
         return self.trainer_type(model, options)
 
 
@@ -417,6 +520,7 @@ def train_classifier(
     device: str = "cpu",
     show_progress: bool = True,
     desc: str = "",
+    penalty: Penalty | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``combiner`` in ``backend``: the trainer of :class:`Backend`, then :func:`fit`.
 
@@ -443,6 +547,8 @@ def train_classifier(
         seed: the shuffling seed (batches, and dropout in JAX).
         init_seed: the initialisation seed of a spec (default ``seed``).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
+        penalty: an invariance penalty (:class:`Penalty`: IRMv1 or V-REx) added to
+            the mean loss; the ``combiner`` must be ``Mean()``.
 
     Returns:
         :func:`fit`'s result and ``"model"``: the trained model in the backend's idiom.
@@ -465,7 +571,14 @@ def train_classifier(
     if isinstance(model, (MLPSpec, CNNSpec)):
         model = impl.build(model, seed=seed if init_seed is None else init_seed)
     trainer = impl.trainer(
-        model, combiner=combiner, loss=loss, weight_decay=weight_decay, l1=l1, seed=seed, device=device
+        model,
+        combiner=combiner,
+        loss=loss,
+        weight_decay=weight_decay,
+        l1=l1,
+        seed=seed,
+        device=device,
+        penalty=penalty,
     )
     out = fit(
         trainer,
