@@ -19,6 +19,7 @@ from gradand.experiments.reference_spirals import (
     REFERENCE_TEST_SEED,
     ReferenceSpiralsSetting,
     make_reference_spirals,
+    train_reference_loop,
 )
 from gradand.experiments.spirals import SpiralsData
 
@@ -217,3 +218,62 @@ def test_setting_rejects_bad_values_on_construction(kwargs: dict) -> None:
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=rf"^{name} must be"):
         ReferenceSpiralsSetting(**kwargs)
+
+
+# --------------------------------------------------------------------------- the reference loop
+
+
+def _tiny(seed: int = 0) -> SpiralsData:
+    return make_reference_spirals(n_envs=4, examples_per_env=32, n_test=40, seed=seed)
+
+
+_TINY = {"epochs": 3, "batch_size": 16, "hidden_units": 8, "test_batch_size": 20}
+
+
+@pytest.mark.parametrize(("method", "threshold"), [("and_mask", 0.5), ("geometric_mean", 0.5), ("mean", 1.0)])
+def test_reference_loop_per_environment_gradients_from_one_backward_equal_one_autograd_grad_each(
+    monkeypatch: pytest.MonkeyPatch, method: str, threshold: float
+) -> None:
+    pytest.importorskip("torch")
+    from gradand.experiments import reference_spirals
+
+    fast = train_reference_loop(_tiny(), method=method, threshold=threshold, **_TINY)
+    monkeypatch.setattr(reference_spirals, "_FACTORED_GRADIENTS", False)  # the reference's way
+    slow = train_reference_loop(_tiny(), method=method, threshold=threshold, **_TINY)
+    assert fast["curve"] == slow["curve"] and fast["final"] == slow["final"]
+    assert fast["at_end"] == slow["at_end"]
+    assert fast["survivor_fraction"] == pytest.approx(slow["survivor_fraction"], rel=1e-6)
+    if method == "mean":  # the reference's averaging: the AND-mask at τ = 0 keeps everything
+        assert fast["survivor_fraction"] == 1.0
+
+
+def test_reference_loop_evaluates_at_the_start_of_each_epoch_and_reports_the_last_logged() -> None:
+    pytest.importorskip("torch")
+    out = train_reference_loop(_tiny(), method="and_mask", threshold=0.5, **{**_TINY, "epochs": 4})
+    assert out["curve"]["epoch"] == [0, 1, 2, 3]  # epochs completed when the test set was evaluated
+    assert out["final"]["test"] == out["curve"]["test"][-1]  # after epochs - 1 epochs
+    assert set(out["final"]) == set(out["at_end"]) == {"train", "test", "test_no_shortcuts"}
+    assert out["steps"] == 4 * 2
+
+
+def test_reference_loop_initialises_the_model_as_gradands_torch_backend_with_the_same_seed() -> None:
+    torch = pytest.importorskip("torch")
+    from gradand.experiments.training import MLPSpec, get_backend
+
+    data = _tiny()
+    untrained = train_reference_loop(data, method="mean", **{**_TINY, "epochs": 2, "test_batch_size": 40})
+    model = get_backend("torch").build(
+        MLPSpec(in_features=10, out_features=1, hidden_units=8, hidden_layers=3), seed=REFERENCE_INIT_SEED
+    )
+    with torch.no_grad():
+        pred = (model(torch.tensor(data.test_x))[:, 0] >= 0).numpy()
+    assert untrained["curve"]["test"][0] == float(np.mean(pred == (data.test_y == 1)))
+
+
+def test_reference_loop_rejects_what_the_reference_cannot_run() -> None:
+    with pytest.raises(ValueError, match="method must be one of"):
+        train_reference_loop(_tiny(), method="sand_mask")
+    with pytest.raises(ValueError, match="batch_size must be at most the 32"):
+        train_reference_loop(_tiny(), method="mean", batch_size=64)
+    with pytest.raises(ValueError, match="test_batch_size must be at most the 40"):
+        train_reference_loop(_tiny(), method="mean", batch_size=16, test_batch_size=1000)

@@ -29,17 +29,28 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradand.experiments import TRAINING_MODULES
+from gradand.experiments._distribution import Distribution, distribution
 from gradand.experiments._parallel import run_jobs, worker_plan
 from gradand.experiments._report import progress
+from gradand.experiments.reference_spirals import (
+    REFERENCE_INIT_SEED,
+    REFERENCE_LOOP_METHODS,
+    ReferenceSpiralsSetting,
+    train_reference_loop,
+)
 from gradand.experiments.training import MLPSpec, train_classifier
 
 __all__ = [
     "BASELINES",
+    "LOOPS",
     "METHODS",
     "PRESETS",
+    "SUCCESS",
     "SpiralsData",
     "SpiralsSetting",
     "TrainSetting",
+    "check_reference_loop",
+    "claims",
     "combiner_from",
     "make_spirals",
     "preset",
@@ -218,6 +229,22 @@ class TrainSetting:
     The regularisers the paper compares (each with plain averaging) use
     ``dropout``, batch norm, ``l1`` (``l1 · sign(θ)`` added to the gradient)
     and ``l2`` (this weight decay instead of ``weight_decay``).
+
+    Seeding and evaluation: ``init_seed`` initialises the model and
+    ``shuffle_seed`` draws the batches; ``None`` (gradand's presets) uses the
+    run's seed for both, so a seed changes data, initialisation and batches;
+    the reference fixes both (:data:`~gradand.experiments.reference_spirals.REFERENCE_INIT_SEED`),
+    so its seed changes only the data. ``evaluate="end"`` reports accuracies
+    after the last epoch; ``"start"`` reports them as the reference logs its
+    test accuracy, at the start of an epoch: after ``epochs - 1`` epochs (the
+    accuracies after the last epoch are kept too, as ``at_end``).
+
+    Example:
+        >>> from gradand.experiments.spirals import TrainSetting
+        >>> TrainSetting(epochs=1, evaluate="start")
+        Traceback (most recent call last):
+        ...
+        ValueError: epochs must be >= 2 with evaluate='start' (accuracies after epochs - 1); got 1
     """
 
     hidden_units: int = 256
@@ -235,6 +262,21 @@ class TrainSetting:
     sand_threshold: float = 0.5
     sand_k: float = 10.0
     eval_every: int = 5
+    init_seed: int | None = None
+    shuffle_seed: int | None = None
+    evaluate: str = "end"
+
+    def __post_init__(self) -> None:
+        if self.evaluate not in ("end", "start"):
+            raise ValueError(f"evaluate must be 'end' or 'start'; got {self.evaluate!r}")
+        _check_int("epochs", self.epochs, 1)
+        if self.evaluate == "start" and self.epochs < 2:
+            raise ValueError(
+                f"epochs must be >= 2 with evaluate='start' (accuracies after epochs - 1); got {self.epochs}"
+            )
+        for name in ("init_seed", "shuffle_seed"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0)
 
     def methods(self) -> dict[str, dict[str, Any]]:
         """Each method's combiner name and model/regulariser options.
@@ -264,10 +306,27 @@ class TrainSetting:
 #: Method names, in the order the CLI reports them.
 METHODS: tuple[str, ...] = tuple(TrainSetting().methods())
 
-#: Presets: ``reference`` (the reference code's defaults), ``paper`` (App. B's
-#: setting), ``quick`` (seconds, for tests and smoke runs).
-PRESETS: dict[str, tuple[SpiralsSetting, TrainSetting]] = {
-    "reference": (SpiralsSetting(), TrainSetting()),
+#: The data side of a preset: gradand's generator or the reference's.
+DataSetting = SpiralsSetting | ReferenceSpiralsSetting
+
+#: Presets (``docs/results.md`` says how they differ):
+#:
+#: - ``reference``: the reference experiment (``run_synthetic.py``): its data generator
+#:   (:mod:`~gradand.experiments.reference_spirals`: its fixed test set, per-environment
+#:   normalisation, i.i.d. labels), its fixed initialisation and shuffling seed (the run's seed
+#:   changes only the data), its evaluation (the test accuracy after ``epochs - 1`` epochs), its
+#:   sizes and optimiser; trained through gradand's loop.
+#: - ``gradand``: the same sizes and training with gradand's own generator
+#:   (:func:`make_spirals`: balanced labels, pooled normalisation, a test set per seed) and the
+#:   run's seed for data, initialisation and batches; accuracies after the last epoch.
+#: - ``paper``: gradand's generator at App. B's sizes (32 environments × 1280, 32 dimensions).
+#: - ``quick``: gradand's generator, small (seconds; tests and smoke runs).
+PRESETS: dict[str, tuple[DataSetting, TrainSetting]] = {
+    "reference": (
+        ReferenceSpiralsSetting(),
+        TrainSetting(init_seed=REFERENCE_INIT_SEED, shuffle_seed=REFERENCE_INIT_SEED, evaluate="start"),
+    ),
+    "gradand": (SpiralsSetting(), TrainSetting()),
     "paper": (
         SpiralsSetting(n_envs=32, examples_per_env=1280, n_test=2000, shortcut_dims=32),
         TrainSetting(),
@@ -279,14 +338,18 @@ PRESETS: dict[str, tuple[SpiralsSetting, TrainSetting]] = {
 }
 
 
-def preset(name: str) -> tuple[SpiralsSetting, TrainSetting]:
+def preset(name: str) -> tuple[DataSetting, TrainSetting]:
     """The (data, training) settings of a named preset.
 
     Example:
         >>> from gradand.experiments.spirals import preset
         >>> data, train = preset("reference")
-        >>> data.n_envs, data.examples_per_env, data.shortcut_dims, train.epochs
-        (16, 1024, 8, 150)
+        >>> type(data).__name__, data.n_envs, data.examples_per_env, data.shortcut_dims, train.epochs
+        ('ReferenceSpiralsSetting', 16, 1024, 8, 150)
+        >>> train.init_seed, train.shuffle_seed, train.evaluate
+        (0, 0, 'start')
+        >>> type(preset("gradand")[0]).__name__
+        'SpiralsSetting'
     """
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
@@ -314,6 +377,22 @@ def combiner_from(spec: tuple[str, dict[str, Any]]) -> Any:
 BASELINES: tuple[str, ...] = ("mean", "dropout", "batch_norm", "l1", "l2")
 
 
+#: The training loops a run can use: gradand's (:func:`~gradand.experiments.training.fit`, any
+#: backend) and the reference's, re-implemented
+#: (:func:`~gradand.experiments.reference_spirals.train_reference_loop`, PyTorch on the CPU).
+LOOPS: tuple[str, ...] = ("gradand", "reference")
+
+#: A run succeeds when its test accuracy is at least this.
+SUCCESS: float = 0.95
+
+
+def _zeroed(x: np.ndarray) -> np.ndarray:
+    """``x`` with the shortcut features (every column after the first two) set to 0."""
+    out = x.copy()
+    out[..., 2:] = 0
+    return out
+
+
 def _train(
     backend: str,
     data: SpiralsData,
@@ -326,8 +405,15 @@ def _train(
     show_progress: bool,
     desc: str,
 ) -> dict[str, Any]:
-    """One run: the spirals MLP (initialised from ``init_seed``, default ``seed``), batches from ``seed``."""
+    """One run of gradand's loop: the MLP from ``init_seed`` (default ``seed``), batches from ``seed``.
+
+    Evaluates the training set, the test set and the test set with the shortcut
+    features zeroed (``test_no_shortcuts``); with ``train.evaluate == "start"``
+    ``final`` holds the accuracies after ``epochs - 1`` epochs and ``at_end``
+    those after the last.
+    """
     d = data.train_x.shape[-1]
+    start = train.evaluate == "start"
     out = train_classifier(
         MLPSpec(
             in_features=d,
@@ -343,6 +429,7 @@ def _train(
         eval_sets={
             "train": (data.train_x.reshape(-1, d), data.train_y.reshape(-1)),
             "test": (data.test_x, data.test_y),
+            "test_no_shortcuts": (_zeroed(data.test_x), data.test_y),
         },
         combiner=combiner_from(spec["combiner"]),
         loss="bce",
@@ -353,7 +440,8 @@ def _train(
         l1=spec["l1"],
         lr_milestone=train.lr_milestone,
         lr_decay=train.lr_decay,
-        eval_every=train.eval_every,
+        # "start": evaluated after epochs - 1 epochs (what the reference reports) and at the end
+        eval_every=train.epochs - 1 if start else train.eval_every,
         seed=seed,
         init_seed=init_seed,
         device=device,
@@ -361,6 +449,10 @@ def _train(
         desc=desc,
     )
     del out["model"]  # results cross process boundaries; a framework's model need not pickle
+    out["at_end"] = dict(out["final"])
+    if start:
+        k = out["curve"]["epoch"].index(train.epochs - 1)
+        out["final"] = {name: out["curve"][name][k] for name in out["final"]}
     return out
 
 
@@ -368,30 +460,174 @@ def _train(
 TRAINERS = {name: functools.partial(_train, name) for name in TRAINING_MODULES}
 
 
+def check_reference_loop(train: TrainSetting, methods: tuple[str, ...], backend: str, device: str) -> None:
+    """``ValueError`` unless the reference loop can run ``methods`` with ``train`` as given.
+
+    Example:
+        >>> from gradand.experiments.spirals import TrainSetting, check_reference_loop
+        >>> check_reference_loop(TrainSetting(), ("mean", "and_mask"), "torch", "cpu")
+        >>> check_reference_loop(TrainSetting(), ("sand_mask",), "torch", "cpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: the reference loop cannot train ['sand_mask'] (it trains mean, and_mask, geometric_mean)
+    """
+    if backend != "torch" or device != "cpu":
+        raise ValueError(
+            f"the reference loop runs on PyTorch on the CPU; got backend {backend!r}, device {device!r}"
+        )
+    if (train.lr_milestone, train.lr_decay) != (0.75, 0.1):
+        raise ValueError("the reference loop decays the learning rate x 0.1 after 3/4 of the epochs only")
+    table = train.methods()
+    other = [m for m in methods if table[m]["combiner"][0] not in REFERENCE_LOOP_METHODS]
+    if other:
+        raise ValueError(
+            f"the reference loop cannot train {other} (it trains {', '.join(REFERENCE_LOOP_METHODS)})"
+        )
+
+
+def _run_reference_loop(
+    data: SpiralsData, train: TrainSetting, spec: dict[str, Any], *, seed: int, show_progress: bool, desc: str
+) -> dict[str, Any]:
+    """One run of the re-implemented reference loop (its one seed: ``init_seed``, else ``seed``)."""
+    name, kwargs = spec["combiner"]
+    out = train_reference_loop(
+        data,
+        method=name,
+        threshold=kwargs.get("threshold", 0.0),
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        weight_decay=spec["weight_decay"],
+        l1=spec["l1"],
+        dropout=spec["dropout"],
+        batch_norm=spec["batch_norm"],
+        hidden_units=train.hidden_units,
+        hidden_layers=train.hidden_layers,
+        seed=seed if train.init_seed is None else train.init_seed,
+        test_batch_size=min(1000, len(data.test_y)),
+        show_progress=show_progress,
+        desc=desc,
+    )
+    if train.evaluate == "end":
+        out["final"] = dict(out["at_end"])
+    return out
+
+
 def _run_one(
     backend: str,
-    setting: SpiralsSetting,
+    setting: DataSetting,
     train: TrainSetting,
     method: str,
     seed: int,
     device: str,
     show_progress: bool,
+    loop: str = "gradand",
 ) -> dict[str, Any]:
     """One (method, seed) run; module-level so that worker processes can run it."""
+    data, spec, desc = setting.make(seed), train.methods()[method], f"spirals {method} seed {seed}"
+    if loop == "reference":
+        return _run_reference_loop(data, train, spec, seed=seed, show_progress=show_progress, desc=desc)
     return _train(
         backend,
-        setting.make(seed),
+        data,
         train,
-        train.methods()[method],
-        seed=seed,
+        spec,
+        seed=seed if train.shuffle_seed is None else train.shuffle_seed,
+        init_seed=seed if train.init_seed is None else train.init_seed,
         device=device,
         show_progress=show_progress,
-        desc=f"spirals {method} seed {seed}",
+        desc=desc,
     )
 
 
+def _interval(d: Distribution) -> tuple[float, float]:
+    """The interval for the mean; with one value (no interval), the value itself."""
+    return (d.mean, d.mean) if d.low is None or d.high is None else (d.low, d.high)
+
+
+def claims(per_method: dict[str, dict[str, Any]], *, threshold: float = 1.0) -> list[Any]:
+    """The paper's claims checked on the distributions over seeds (the rule, stated once).
+
+    ``per_method[m]`` holds :class:`~gradand.experiments._distribution.Distribution` s
+    ``"test"`` and ``"train"`` (over the same seeds). The rule:
+
+    1. the AND-mask generalises: the lower end of the 95 % interval of its mean test
+       accuracy is ≥ 0.9;
+    2. the AND-mask, and 3. the geometric mean, succeed (test ≥ :data:`SUCCESS`) more often
+       than plain averaging: their success rate's 95 % Wilson interval lies entirely above
+       averaging's (with ``n`` seeds this needs ``n ≥ 5`` even at n/n against 0/n);
+    4. plain averaging and every regulariser stay near chance: the upper end of each one's
+       interval is ≤ 0.65;
+    5. ... while fitting the training set: each one's mean train accuracy is ≥ 0.95.
+
+    A claim whose methods were not run is not checked. With one seed the "interval" of a
+    mean is the value itself.
+
+    Example:
+        >>> from gradand.experiments._distribution import distribution
+        >>> from gradand.experiments.spirals import claims
+        >>> runs = {"mean": {"test": distribution([0.5] * 6), "train": distribution([1.0] * 6)},
+        ...         "and_mask": {"test": distribution([1.0] * 6), "train": distribution([1.0] * 6)}}
+        >>> [c.passed for c in claims(runs)]
+        [True, True, True, True]
+    """
+    from gradand.experiments._report import Check
+
+    checks = []
+    if "and_mask" in per_method:
+        d = per_method["and_mask"]["test"]
+        low, high = _interval(d)
+        checks.append(
+            Check(
+                f"AND-mask (τ={threshold}) test accuracy >= 0.9: lower end of the 95% interval of its "
+                f"mean (measured {d.mean:.3f} [{low:.3f}, {high:.3f}], n={d.n})",
+                low >= 0.9,
+                {"and_mask_test": d.to_json()},
+            )
+        )
+    if "mean" in per_method:
+        base = per_method["mean"]["test"]
+        for m, label in (("and_mask", "AND-mask"), ("geometric_mean", "geometric mean")):
+            if m not in per_method:
+                continue
+            d = per_method[m]["test"]
+            checks.append(
+                Check(
+                    f"{label} succeeds (test >= {SUCCESS}) more often than plain averaging: "
+                    f"{d.successes}/{d.n} [{d.success_low:.2f}, {d.success_high:.2f}] vs "
+                    f"{base.successes}/{base.n} [{base.success_low:.2f}, {base.success_high:.2f}] "
+                    f"(95% Wilson intervals disjoint)",
+                    d.success_low > base.success_high,
+                    {m: d.to_json(), "mean": base.to_json()},
+                )
+            )
+    base = [m for m in BASELINES if m in per_method]
+    if base:
+        highs = {m: _interval(per_method[m]["test"])[1] for m in base}
+        trains = {m: per_method[m]["train"].mean for m in base}
+        worst = max(highs, key=highs.get)
+        checks.append(
+            Check(
+                f"plain averaging and every regulariser stay near chance: upper end of the 95% interval "
+                f"of the test accuracy <= 0.65 (highest: {worst} {highs[worst]:.3f})",
+                all(v <= 0.65 for v in highs.values()),
+                {"test_high": highs},
+            )
+        )
+        low = min(trains, key=trains.get)
+        checks.append(
+            Check(
+                f"... while fitting the training set: mean train accuracy >= 0.95 "
+                f"(lowest: {low} {trains[low]:.3f})",
+                all(v >= 0.95 for v in trains.values()),
+                {"train_mean": trains},
+            )
+        )
+    return checks
+
+
 def run(
-    setting: SpiralsSetting,
+    setting: DataSetting,
     train: TrainSetting,
     *,
     methods: tuple[str, ...] = METHODS,
@@ -403,48 +639,75 @@ def run(
     log: Any = None,
     jobs: int | None = 1,
     threads: int | None = None,
+    loop: str = "gradand",
 ) -> Any:
-    """Train every method on every seed and test the paper's claims.
+    """Train every method on every seed; report distributions over seeds and test the paper's claims.
 
-    Returns a :class:`gradand.experiments._report.Report`.
+    Returns a :class:`gradand.experiments._report.Report`. Per method it holds
+    the per-seed accuracies and their distributions
+    (:func:`~gradand.experiments._distribution.distribution`: mean with a 95 %
+    Student-t interval, success rate — test ≥ :data:`SUCCESS` — with a 95 %
+    Wilson interval) of the train accuracy, the test accuracy and the test
+    accuracy with the shortcut features zeroed (``test_no_shortcuts``: has
+    the model learnt the spirals?). :func:`claims` states the rule the claims
+    are checked by.
 
-    Seed ``s`` generates the data (``make_spirals(seed=s)``) and initialises
-    the model; all methods see the same data and initialisation for a seed.
+    Seed ``s`` generates the data (``setting.make(s)``); it also initialises
+    the model and draws the batches unless ``train`` fixes ``init_seed`` /
+    ``shuffle_seed`` (the ``reference`` preset does). All methods see the same
+    data and initialisation for a seed. ``loop="reference"`` trains with the
+    re-implemented reference loop instead of gradand's
+    (:func:`~gradand.experiments.reference_spirals.train_reference_loop`).
     ``log(message)``, when given, receives one line per finished run.
 
     The runs (method × seed) are independent: ``jobs`` worker processes run
     them side by side, each with ``threads`` CPU threads
     (:func:`gradand.experiments._parallel.worker_plan`: ``jobs=None`` is one
     worker per CPU on ``cpu``, ``threads=None`` splits the CPUs between
-    workers). A run's numbers depend on its thread count, not on which
-    worker runs it. With several workers, per-run progress bars are replaced
-    by one bar over runs.
+    workers); the per-environment methods start first. A run's numbers
+    depend on its thread count, not on which worker runs it. With several
+    workers, per-run progress bars are replaced by one bar over runs.
 
     Example:
         >>> from gradand.experiments.spirals import SpiralsSetting, TrainSetting, run
         >>> data = SpiralsSetting(n_envs=4, examples_per_env=16, n_test=16)
         >>> report = run(data, TrainSetting(hidden_units=8, epochs=1, batch_size=8), methods=("mean",),
-        ...              seeds=(0,), show_progress=False)
-        >>> sorted(report.results["methods"])
-        ['mean']
+        ...              seeds=(0, 1), show_progress=False)
+        >>> sorted(report.results["methods"]["mean"]["distribution"])
+        ['test', 'test_no_shortcuts', 'train']
     """
-    from gradand.experiments._report import Check, Report, format_table, mean_std
+    from gradand.experiments._report import Report, format_table, mean_std
 
     if backend not in TRAINERS:
         raise ValueError(
             f"backend {backend!r} is not supported for the spirals experiment; use one of {sorted(TRAINERS)}"
         )
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {list(LOOPS)}; got {loop!r}")
     table_methods = train.methods()
     unknown = [m for m in methods if m not in table_methods]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {list(table_methods)}; got {list(methods)}")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed; got none")
+    if loop == "reference":
+        check_reference_loop(train, methods, backend, device)
+    keys = ("train", "test", "test_no_shortcuts")
     per_method: dict[str, dict[str, Any]] = {
-        m: {"train_acc": [], "test_acc": [], "survivor_fraction": [], "curves": [], "seconds": []}
+        m: {
+            "train_acc": [],
+            "test_acc": [],
+            "test_no_shortcuts_acc": [],
+            "at_end": [],
+            "survivor_fraction": [],
+            "curves": [],
+            "seconds": [],
+        }
         for m in methods
     }
     runs = [(seed, m) for seed in seeds for m in methods]
     workers, threads = worker_plan(len(runs), jobs, threads, device)
-    # Longest runs first (the per-environment methods), so that workers finish together.
+    # The per-environment methods first (the longest runs, and the results wanted first).
     order = sorted(range(len(runs)), key=lambda i: table_methods[runs[i][1]]["combiner"][0] == "mean")
     bar = progress(
         range(len(runs)), total=len(runs), desc="spirals runs", enabled=show_progress and workers > 1
@@ -455,15 +718,16 @@ def run(
         next(ticks, None)
         seed, m = runs[order[k]]
         if log is not None:
+            final = out["final"]
             log(
-                f"spirals {m} seed {seed}: train {out['final']['train']:.3f} "
-                f"test {out['final']['test']:.3f} ({out['seconds']:.1f} s)"
+                f"spirals {m} seed {seed}: train {final['train']:.3f} test {final['test']:.3f} "
+                f"test without shortcuts {final['test_no_shortcuts']:.3f} ({out['seconds']:.1f} s)"
             )
 
     outs = run_jobs(
         _run_one,
         [
-            (backend, setting, train, runs[i][1], runs[i][0], device, show_progress and workers == 1)
+            (backend, setting, train, runs[i][1], runs[i][0], device, show_progress and workers == 1, loop)
             for i in order
         ],
         workers=workers,
@@ -476,100 +740,111 @@ def run(
     by_run = {runs[i]: out for i, out in zip(order, outs)}
     for seed, m in runs:
         out, r = by_run[(seed, m)], per_method[m]
-        r["train_acc"].append(out["final"]["train"])
-        r["test_acc"].append(out["final"]["test"])
+        for key in keys:
+            r[f"{key}_acc"].append(out["final"][key])
+        r["at_end"].append(out["at_end"])
         r["survivor_fraction"].append(out["survivor_fraction"])
         r["curves"].append(out["curve"])
         r["seconds"].append(out["seconds"])
+    dists: dict[str, dict[str, Distribution]] = {}
     rows = []
     for m, r in per_method.items():
+        dists[m] = {key: distribution(r[f"{key}_acc"], threshold=SUCCESS) for key in keys}
+        r["distribution"] = {key: d.to_json() for key, d in dists[m].items()}
         r["train_mean"], r["train_std"] = mean_std(r["train_acc"])
         r["test_mean"], r["test_std"] = mean_std(r["test_acc"])
         name, kwargs = table_methods[m]["combiner"]
         label = name + ("" if not kwargs else "(" + ", ".join(f"{k}={v}" for k, v in kwargs.items()) + ")")
+        test, zeroed = dists[m]["test"], dists[m]["test_no_shortcuts"]
+
+        def cell(d: Distribution) -> str:
+            return f"{d.mean:.3f}" + ("" if d.half_width is None else f" ± {d.half_width:.3f}")
+
         rows.append(
             [
                 m,
                 label,
-                f"{r['train_mean']:.3f} ± {r['train_std']:.3f}",
-                f"{r['test_mean']:.3f} ± {r['test_std']:.3f}",
+                cell(dists[m]["train"]),
+                cell(test),
+                f"{test.successes}/{test.n} [{test.success_low:.2f}, {test.success_high:.2f}]",
+                cell(zeroed),
                 f"{float(np.mean(r['survivor_fraction'])):.3f}",
             ]
         )
-    table = format_table(["method", "combiner", "train acc", "test acc", "grad kept"], rows)
-
-    checks = []
-    if "and_mask" in per_method:
-        t = per_method["and_mask"]["test_mean"]
-        each = ", ".join(f"{v:.3f}" for v in per_method["and_mask"]["test_acc"])
-        checks.append(
-            Check(
-                f"AND-mask (τ={train.threshold}) test accuracy >= 0.9 (measured {t:.3f}; per seed {each})",
-                t >= 0.9,
-                {"and_mask_test_mean": t},
-            )
-        )
-    base = [m for m in BASELINES if m in per_method]
-    if base:
-        tests = {m: per_method[m]["test_mean"] for m in base}
-        trains = {m: per_method[m]["train_mean"] for m in base}
-        worst = max(tests, key=tests.get)
-        checks.append(
-            Check(
-                f"plain averaging and every regulariser stay near chance: test accuracy <= 0.65 "
-                f"(highest: {worst} {tests[worst]:.3f})",
-                all(v <= 0.65 for v in tests.values()),
-                {"test_mean": tests},
-            )
-        )
-        low = min(trains, key=trains.get)
-        checks.append(
-            Check(
-                f"... while fitting the training set: train accuracy >= 0.95 "
-                f"(lowest: {low} {trains[low]:.3f})",
-                all(v >= 0.95 for v in trains.values()),
-                {"train_mean": trains},
-            )
-        )
+    table = format_table(
+        [
+            "method",
+            "combiner",
+            "train acc",
+            "test acc (95% CI)",
+            f"test >= {SUCCESS} (95% CI)",
+            "test, shortcuts zeroed",
+            "grad kept",
+        ],
+        rows,
+    )
+    checks = claims(dists, threshold=train.threshold)
 
     def draw(plt: Any) -> Any:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [2, 1]})
         names = list(per_method)
         xs = np.arange(len(names))
-        for off, key, label in ((-0.2, "train", "train"), (0.2, "test", "test")):
-            means = [per_method[m][f"{key}_mean"] for m in names]
-            stds = [per_method[m][f"{key}_std"] for m in names]
-            ax1.bar(xs + off, means, 0.4, yerr=stds, label=label, capsize=3)
+        jitter = np.random.default_rng(0)
+        for i, m in enumerate(names):
+            for off, key, color, marker in (
+                (-0.17, "test", "C0", "o"),
+                (0.17, "test_no_shortcuts", "C2", "s"),
+            ):
+                d = dists[m][key]
+                ax1.scatter(i + off + jitter.uniform(-0.06, 0.06, d.n), d.values, s=10, color=color,
+                            marker=marker, alpha=0.5, label=None if i else key)  # fmt: skip
+                low, high = _interval(d)
+                ax1.errorbar(i + off, d.mean, yerr=[[d.mean - low], [high - d.mean]], fmt="_", color="k",
+                             capsize=4, ms=14)  # fmt: skip
         ax1.axhline(0.5, color="gray", lw=0.8, ls="--")
+        ax1.axhline(SUCCESS, color="C3", lw=0.8, ls=":")
         ax1.set_xticks(xs, names, rotation=30, ha="right")
-        ax1.set_ylim(0, 1.05)
-        ax1.set_ylabel("accuracy (mean ± std over seeds)")
-        ax1.set_title(f"spirals ({preset_name}), {len(seeds)} seed(s)")
-        ax1.legend(loc="lower left")
-        for m in names:
-            curves = per_method[m]["curves"]
-            epochs = curves[0]["epoch"]
-            ax2.plot(epochs, np.mean([c["test"] for c in curves], axis=0), label=m)
-        ax2.axhline(0.5, color="gray", lw=0.8, ls="--")
-        ax2.set_xlabel("epoch")
-        ax2.set_ylabel("test accuracy (mean over seeds)")
-        ax2.set_ylim(0.3, 1.02)
-        ax2.legend(fontsize=8, ncol=2)
+        ax1.set_ylim(0.3, 1.03)
+        ax1.set_ylabel("accuracy per seed; mean and 95% interval")
+        ax1.set_title(f"spirals ({preset_name}, {loop} loop), {len(seeds)} seed(s)")
+        ax1.legend(loc="lower left", fontsize=8)
+        rates = [dists[m]["test"].success_rate for m in names]
+        lows = [dists[m]["test"].success_low for m in names]
+        highs = [dists[m]["test"].success_high for m in names]
+        ax2.bar(xs, rates, 0.6, color="C0", alpha=0.7)
+        ax2.errorbar(xs, rates, yerr=[np.subtract(rates, lows), np.subtract(highs, rates)], fmt="none",
+                     ecolor="k", capsize=4)  # fmt: skip
+        ax2.set_xticks(xs, names, rotation=30, ha="right")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel(f"success rate (test >= {SUCCESS}), 95% Wilson interval")
         fig.tight_layout()
         return fig
 
     notes = []
-    if preset_name != "reference":
+    if not preset_name.startswith("reference"):
         notes.append(
             f"the paper's thresholds (AND-mask test >= 0.9, baselines <= 0.65) are stated for the "
             f"reference preset; this run used the {preset_name!r} setting"
         )
+    if len(seeds) < 5 and "mean" in per_method and ({"and_mask", "geometric_mean"} & set(per_method)):
+        notes.append(
+            f"{len(seeds)} seed(s): the success-rate comparison needs at least 5 seeds to pass "
+            "(95% Wilson intervals of n/n and 0/n overlap below that)"
+        )
+    if train.evaluate == "start":
+        notes.append(
+            f"accuracies after {train.epochs - 1} of {train.epochs} epochs (the reference logs the test "
+            "accuracy at the start of each epoch); those after the last epoch are in the JSON (at_end)"
+        )
     config = {
         "preset": preset_name,
+        "generator": "reference" if isinstance(setting, ReferenceSpiralsSetting) else "gradand",
         "data": dataclasses.asdict(setting),
         "train": dataclasses.asdict(train),
+        "loop": loop,
         "methods": {m: table_methods[m] for m in methods},
         "seeds": list(seeds),
+        "success_threshold": SUCCESS,
         "backend": backend,
         "device": device,
         "workers": workers,
