@@ -125,6 +125,46 @@ def test_spirals_quick_and_mask_generalises_where_averaging_and_l2_fit_the_short
     assert m["and_mask"]["test_mean"] >= 0.9
     assert m["and_mask"]["survivor_fraction"][0] < 0.5  # most gradient components were masked
     assert doc["config"]["data"]["n_envs"] == 16 and doc["config"]["preset"] == "quick (modified)"
+    # the distribution over seeds, and the mechanism: the AND-mask's model uses the spirals
+    test = m["and_mask"]["distribution"]["test"]
+    assert test["n"] == 1 and test["successes"] == int(test["values"][0] >= 0.95)
+    assert m["and_mask"]["distribution"]["test_no_shortcuts"]["mean"] >= 0.9
+    assert doc["config"]["generator"] == "gradand" and doc["config"]["loop"] == "gradand"
+
+
+_TINY_SPIRALS = ["--envs", "4", "--examples-per-env", "32", "--n-test", "40", "--epochs", "3", "--seeds", "2"]
+
+
+@pytest.mark.parametrize("loop", ["gradand", "reference"])
+def test_spirals_reference_preset_distributions_in_both_loops(capsys, tmp_path, loop):
+    pytest.importorskip("torch")
+    out = _run(
+        capsys,
+        ["reproduce", "spirals", *_TINY_SPIRALS, "--methods", "mean,and_mask", "--loop", loop,
+         "--out", str(tmp_path), "--no-progress", "--jobs", "1"],
+    )  # fmt: skip
+    assert "test >= 0.95 (95% CI)" in out and "shortcuts zeroed" in out
+    name = "spirals.json" if loop == "gradand" else "spirals-reference-loop.json"
+    doc = json.loads((tmp_path / name).read_text())
+    assert doc["config"]["generator"] == "reference" and doc["config"]["loop"] == loop
+    assert doc["config"]["train"]["init_seed"] == 0 and doc["config"]["train"]["evaluate"] == "start"
+    assert doc["seeds"] == [0, 1] and (tmp_path / name.replace(".json", ".png")).exists()
+    for m in ("mean", "and_mask"):
+        r = doc["results"]["methods"][m]
+        assert len(r["test_acc"]) == 2 and r["distribution"]["test"]["n"] == 2
+        assert r["distribution"]["test"]["low"] is not None  # an interval from two seeds
+    assert [c["claim"][:8] for c in doc["checks"]][:2] == ["AND-mask", "AND-mask"]
+
+
+def test_spirals_errors_name_the_option(capsys, tmp_path):
+    for argv, match in (
+        (["--loop", "reference", "--methods", "sand_mask"], "sand_mask"),
+        (["--loop", "reference", "--backend", "jax"], "PyTorch on the CPU"),
+        (["--seeds", "4294967290"], "seed"),
+    ):
+        assert cli.main(["reproduce", "spirals", *argv, "--out", str(tmp_path)]) == 2
+        assert match in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_memorization_quick_random_labels_are_memorised_by_averaging_not_by_the_and_mask(capsys, tmp_path):
@@ -141,3 +181,42 @@ def test_memorization_quick_random_labels_are_memorised_by_averaging_not_by_the_
     # true labels: both learn something that generalises
     assert true["0.0"]["test_mean"] >= 0.8 and true["0.2"]["test_mean"] >= 0.8
     assert (tmp_path / "memorization-quick.png").exists()
+
+
+def test_colored_digits_quick_averaging_learns_the_colour_and_the_penalties_do_not(capsys, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    out = _run(
+        capsys,
+        ["reproduce", "colored-digits", "--quick", "--seeds", "2", "--methods", "mean,and_mask,irm,grayscale",
+         "--out", str(tmp_path), "--no-progress"],
+    )  # fmt: skip
+    assert "test acc (95% CI)" in out and "no better than averaging" in out and "IRMv1 beats averaging" in out
+    doc = json.loads((tmp_path / "colored-digits-quick.json").read_text())
+    m = doc["results"]["methods"]
+    assert list(m) == ["mean", "and_mask", "irm", "grayscale"] and doc["seeds"] == [0, 1]
+    for r in m.values():
+        assert r["test"]["n"] == 2 and r["test"]["low"] is not None and r["test"]["threshold"] == 0.5
+        assert r["test"]["values"] == r["test_acc"] and r["train"]["values"] == r["train_acc"]
+    # every environment's colour agrees with the label: averaging fits it and fails the reversed test set
+    assert m["mean"]["train"]["mean"] >= 0.8 and m["mean"]["test"]["mean"] < 0.5
+    assert m["and_mask"]["survivor_fraction"][0] < 1.0 and m["mean"]["survivor_fraction"] == [1.0, 1.0]
+    assert m["grayscale"]["test"]["mean"] > 0.6  # without colour, the shape is what is learnt
+    assert doc["config"]["preset"] == "quick (modified)" and doc["config"]["anneal_steps"] == 20
+    assert doc["config"]["methods"]["irm"]["penalty"] == ["irm", 10000.0]
+    claims = [c["claim"] for c in doc["checks"]]
+    assert claims[0].startswith("averaging learns the colour") and len(claims) == 4
+    assert (tmp_path / "colored-digits-quick.png").exists()
+
+
+def test_colored_digits_errors_name_the_option(capsys, tmp_path):
+    for argv, match in (
+        (["--methods", "mean,fish"], "'fish'"),
+        (["--methods", "mean,mean"], "mean appears twice"),
+        (["--backend", "numpy"], "not supported for the colored-digits experiment"),
+        (["--envs", "0"], "--envs"),
+        (["--envs", "100000"], "numbers per seed"),
+    ):
+        assert cli.main(["reproduce", "colored-digits", *argv, "--out", str(tmp_path)]) == 2
+        assert match in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
