@@ -215,7 +215,7 @@ def test_colored_digits_errors_name_the_option(capsys, tmp_path):
         (["--methods", "mean,mean"], "mean appears twice"),
         (["--backend", "numpy"], "not supported for the colored-digits experiment"),
         (["--envs", "0"], "--envs"),
-        (["--envs", "100000"], "numbers per seed"),
+        (["--envs", "1000"], "numbers per seed"),
     ):
         assert cli.main(["reproduce", "colored-digits", *argv, "--out", str(tmp_path)]) == 2
         assert match in capsys.readouterr().err

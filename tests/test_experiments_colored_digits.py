@@ -185,3 +185,82 @@ def test_bad_arguments_name_the_argument_and_value(kwargs: dict, match: str) -> 
     if "seed" not in kwargs:
         with pytest.raises(ValueError, match=match):
             ColoredDigitsSetting(**kwargs)
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def test_the_controls_change_only_the_data_and_the_penalties_only_the_objective():
+    from gradand.experiments.colored_digits import METHODS, TrainSetting
+
+    methods = TrainSetting().methods()
+    assert tuple(methods) == METHODS
+    assert methods["grayscale"] == {**methods["mean"], "data": {"grayscale": True}}
+    assert methods["reversed_mean"] == {**methods["mean"], "data": {"reversed_envs": 1}}
+    assert methods["reversed_and_mask"] == {**methods["and_mask"], "data": {"reversed_envs": 1}}
+    assert methods["irm"]["combiner"] == methods["vrex"]["combiner"] == ("mean", {})
+    assert [methods[m]["penalty"][0] for m in ("irm", "vrex")] == ["irm", "vrex"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("epochs", 0, "epochs must be an integer >= 1; got 0"),
+        ("threshold", 1.5, r"threshold must be a probability in \[0, 1\]; got 1.5"),
+        ("irm_weight", float("inf"), "irm_weight must be a finite number >= 0; got inf"),
+        ("hidden_units", 2.0, "hidden_units must be an integer >= 1; got 2.0"),
+    ],
+)
+def test_bad_training_settings_name_the_field(field, value, match):
+    from gradand.experiments.colored_digits import TrainSetting
+
+    with pytest.raises(ValueError, match=match):
+        TrainSetting(**{field: value})
+
+
+def _per_method(**tests):
+    from gradand.experiments._distribution import distribution
+
+    return {
+        m: {"test_acc": list(v), "test": distribution(v, threshold=0.5).to_json()} for m, v in tests.items()
+    }
+
+
+def test_a_claim_fails_when_the_numbers_say_so():
+    from gradand.experiments.colored_digits import TrainSetting, _checks
+
+    # an AND-mask clearly better than averaging on every seed: "no better" must not pass
+    per = _per_method(
+        mean=[0.1, 0.2, 0.15, 0.12], and_mask=[0.5, 0.6, 0.55, 0.52], irm=[0.1, 0.21, 0.14, 0.13]
+    )
+    checks = {c.claim.split(" ")[0]: c for c in _checks(per, TrainSetting())}
+    assert checks["averaging"].passed
+    assert not checks["AND-mask"].passed and "+0.400" in checks["AND-mask"].claim
+    assert not checks["IRMv1"].passed  # no better than averaging here: the interval includes 0
+    # and the other way round
+    per = _per_method(
+        mean=[0.6, 0.2, 0.15, 0.12], and_mask=[0.1, 0.2, 0.15, 0.12], irm=[0.7, 0.3, 0.25, 0.22]
+    )
+    checks = {c.claim.split(" ")[0]: c for c in _checks(per, TrainSetting())}
+    assert not checks["averaging"].passed  # the upper end of the interval is above 0.5
+    assert checks["AND-mask"].passed and checks["IRMv1"].passed
+
+
+def test_run_pairs_methods_by_seed_and_reports_distributions():
+    pytest.importorskip("torch")
+    from gradand.experiments.colored_digits import ColoredDigitsSetting, TrainSetting, run
+
+    report = run(
+        ColoredDigitsSetting(n_envs=2, n_train=100),
+        TrainSetting(hidden_units=4, epochs=3, batch_size=50, eval_every=1),
+        methods=("mean", "vrex", "reversed_mean"),
+        seeds=(3, 5),
+        show_progress=False,
+        threads=1,
+    )
+    m = report.results["methods"]
+    assert m["vrex"]["label"] == "V-REx(λ=10000)" and m["reversed_mean"]["label"] == "mean, 1 env reversed"
+    assert m["mean"]["curves"][0]["epoch"] == [1, 2, 3]
+    assert report.config["seeds"] == [3, 5] and report.config["anneal_steps"] == 1
+    assert [c.claim.split(" ")[0] for c in report.checks] == ["averaging", "V-REx"]
+    assert "test ≥ 0.5" in report.table
