@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         "colored-digits",
         parents=[common],
         help="where the AND-mask cannot help: IRM's Colored MNIST recipe on the bundled digits",
-        description="Averaging, AND-mask (τ=1 and 0.8), geometric mean, IRMv1 and V-REx on colored "
+        description="Averaging, AND-mask (τ=1 and 0.75), geometric mean, IRMv1 and V-REx on colored "
         "digits (every environment's colour agrees with the label in the same direction), and the "
         "controls: grayscale inputs, and one training environment with its colour reversed. Train "
         "and test accuracy as distributions over seeds (default 10).",
