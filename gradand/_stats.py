@@ -517,6 +517,56 @@ class Fold:
         return Statistics(count=count, dtype=self._dtype, eps=self._eps, **out)
 
 
+def drop_zero_environments(stats: Statistics, zeros: Any) -> Statistics:
+    """``stats`` without ``zeros`` of its environments whose gradients were exactly 0.
+
+    For environments known to be empty only when the step runs (environment ids under
+    ``jit``): their mean gradient is 0, so they added nothing to the sums and cast no vote, and
+    Chan's merge in reverse takes them out of ``M2``. The count becomes a 0-d array when
+    ``zeros`` is one; with every environment dropped the statistics are zero.
+
+    Example:
+        >>> import numpy as np
+        >>> import gradand
+        >>> from gradand._stats import drop_zero_environments
+        >>> c = gradand.SandMask(threshold=0.5, k=10.0)
+        >>> g = np.array([[1.0, -2.0], [3.0, 1.0], [0.0, 0.0]])
+        >>> s = drop_zero_environments(gradand.statistics(g, c), 1)
+        >>> bool(np.allclose(s.mean, g[:2].mean(0))), bool(np.allclose(s.m2, 2 * g[:2].var(0)))
+        (True, True)
+    """
+    if stats.is_empty:
+        raise ValueError("drop_zero_environments: the statistics are empty")
+    xp = array_namespace(getattr(stats, stats.fields[0]), name="stats")
+    like = _float_field(stats)
+    n = stats.count
+    if isinstance(n, int) and isinstance(zeros, int):
+        if not 0 <= zeros < n:
+            raise ValueError(f"zeros must be in [0, count={n}); got {zeros}")
+        if zeros == 0:
+            return stats
+        kept: Any = n - zeros
+        fn, fz, fk = float(n), float(zeros), float(kept)
+        ok: Any = None
+    else:
+        kept = n - zeros
+        fn, fz, fk = (_as_float(c, like, xp) if like is not None else c for c in (n, zeros, kept))
+        ok = fk > 0
+        fk = xp.where(ok, fk, xp.ones_like(fk)) if like is not None else fk
+    out: dict[str, Any] = {}
+    if stats.mean is not None:
+        out["mean"] = stats.mean * (fn / fk)
+    if stats.log_abs_mean is not None:
+        out["log_abs_mean"] = (stats.log_abs_mean * fn - fz * math.log(stats.eps)) / fk
+    if stats.m2 is not None:
+        mean = stats.mean * (fn / fk)
+        m2 = stats.m2 - mean * mean * (fk * fz / fn)
+        out["m2"] = xp.where(m2 > 0, m2, xp.zeros_like(m2))
+    if ok is not None:
+        out = {k: xp.where(ok, v, xp.zeros_like(v)) for k, v in out.items()}
+    return stats.replace(count=kept, **out)
+
+
 def vote_signs(g: Any, xp: Any, *, finite: bool = False) -> Any:
     """``sign(g)`` as float votes with NaN casting no vote (0).
 

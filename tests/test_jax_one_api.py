@@ -105,8 +105,9 @@ def test_factored_path_hands_every_dense_leaf_to_the_core_engine(monkeypatch):
     close(fast, gj.value_and_grad(env_loss, C)(p, x, y)[1])
 
 
+@pytest.mark.parametrize("method", ["vectorized", "factored"])
 @pytest.mark.parametrize("jit", [False, True])
-def test_env_ids_of_different_sizes_equal_the_per_environment_loop(jit):
+def test_env_ids_of_different_sizes_equal_the_per_environment_loop(jit, method):
     rng = np.random.default_rng(3)
     sizes = [3, 9, 1, 5]
     ids = jnp.asarray(rng.permutation(np.repeat(np.arange(4), sizes)))
@@ -114,7 +115,7 @@ def test_env_ids_of_different_sizes_equal_the_per_environment_loop(jit):
     y = (x[:, 0] > 0).astype(jnp.float32)
     p = params0()
     for c in (C, gradand.SandMask(threshold=0.3, k=10.0), gradand.GeometricMean(threshold=0.5)):
-        f = gj.value_and_grad(example_loss, c, num_envs=4)
+        f = gj.value_and_grad(example_loss, c, num_envs=4, method=method)
         (loss, r), grads = (jax.jit(f) if jit else f)(p, x, y, env_ids=ids)
         per_env = [jax.value_and_grad(env_loss)(p, x[ids == e], y[ids == e]) for e in range(4)]
         want_losses = jnp.stack([v for v, _ in per_env])
@@ -124,19 +125,33 @@ def test_env_ids_of_different_sizes_equal_the_per_environment_loop(jit):
         np.testing.assert_allclose(loss, jnp.mean(want_losses), rtol=1e-5)
 
 
-def test_an_environment_without_examples_raises_eagerly_and_is_left_out_under_jit():
+@pytest.mark.parametrize("method", ["vectorized", "factored"])
+@pytest.mark.parametrize(
+    "c", [C, gradand.SandMask(threshold=0.3, k=10.0), gradand.GeometricMean(threshold=0.5)], ids=repr
+)
+def test_an_environment_without_examples_raises_eagerly_and_is_left_out_under_jit(method, c):
     ids = jnp.array([0, 0, 2, 2, 2, 0])  # environment 1 is empty
     x, y = batch(envs=1, n=6)
     x, y = x[0], y[0]
-    f = gj.value_and_grad(example_loss, C, num_envs=3)
+    f = gj.value_and_grad(example_loss, c, num_envs=3, method=method)
     with pytest.raises(ValueError, match=r"environments \[1\] of num_envs=3 have no example"):
         f(params0(), x, y, env_ids=ids)
     (loss, r), grads = jax.jit(f)(params0(), x, y, env_ids=ids)
     assert bool(jnp.isnan(r.losses[1])) and not bool(jnp.isnan(loss))
     two = jnp.array([0, 0, 1, 1, 1, 0])
-    (loss2, _r2), want = gj.value_and_grad(example_loss, C, num_envs=2)(params0(), x, y, env_ids=two)
+    (loss2, _r2), want = gj.value_and_grad(example_loss, c, num_envs=2)(params0(), x, y, env_ids=two)
     close(grads, want)  # the empty environment casts no vote and does not count
     np.testing.assert_allclose(loss, loss2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["vectorized", "factored"])
+def test_an_id_out_of_range_under_jit_makes_the_losses_and_the_update_nan(method):
+    x, y = batch(envs=1, n=6)
+    x, y = x[0], y[0]
+    f = jax.jit(gj.value_and_grad(example_loss, C, num_envs=2, method=method))
+    (loss, _r), grads = f(params0(), x, y, env_ids=jnp.array([0, 1, 0, 1, 5, 0]))
+    assert bool(jnp.isnan(loss))
+    assert all(bool(jnp.isnan(g).any()) for g in jax.tree.leaves(grads) if g.size)
 
 
 def test_env_ids_errors():

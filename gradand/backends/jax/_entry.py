@@ -176,11 +176,10 @@ def value_and_grad(
         if env_ids is None and num_envs is not None:
             raise ValueError("num_envs was given to value_and_grad: call the function with env_ids=")
         if method == "factored":
-            if env_ids is not None:
-                raise ValueError("env_ids is supported by method='vectorized'; not yet by 'factored'")
             out, stats = factored_statistics(
                 loss_fn, combiner, *args, has_aux=has_aux, fallback=fallback, chunk_size=chunk_size,
-                nan_policy=nan_policy, loss_scale=loss_scale, kwargs=kwargs,
+                nan_policy=nan_policy, loss_scale=loss_scale, env_ids=env_ids, num_envs=num_envs,
+                kwargs=kwargs,
             )  # fmt: skip
         else:
             out, stats = vectorized_statistics(

@@ -29,11 +29,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 from jax.extend.core import Var
 
 import gradand
 from gradand import Combiner, Statistics
+from gradand._stats import drop_zero_environments
 from gradand.backends.jax._all_reduce import PyTree
 from gradand.backends.jax._batch import (
     _check_params,
@@ -41,6 +43,9 @@ from gradand.backends.jax._batch import (
     _is_none,
     _map_mapped,
     _resolve_in_axes,
+    check_env_ids,
+    environment_means,
+    environment_sizes,
 )
 from gradand.backends.jax._sources import check_chunk_size, check_loss_scale, scaled_loss, unscaled_statistics
 from gradand.backends.jax._tree import _UNROLL_ENVIRONMENTS, _is_stats, check_combiner, check_nan_policy
@@ -262,6 +267,8 @@ def factored_statistics(
     chunk_size: int | None = None,
     nan_policy: str = "raise",
     loss_scale: float | None = None,
+    env_ids: Any = None,
+    num_envs: int | None = None,
     kwargs: dict[str, Any] | None = None,
 ) -> tuple[Any, PyTree]:
     """Source: the factored fast path, for models built from dense layers; ``(losses, stats)``.
@@ -287,6 +294,14 @@ def factored_statistics(
     environment, the statistics from outer products without any
     per-example gradient array.
 
+    With ``env_ids`` (one environment id per example, ``num_envs`` static)
+    ``loss_fn`` is one example's loss, as in :func:`vectorized_statistics`:
+    each example's ``X`` and ``Δ`` (divided by its environment's size) are
+    gathered into its environment's rows, padded with zero rows to the
+    largest environment (to the batch size under ``jit``, where the sizes are
+    not known: the per-environment products then cost E times those of
+    environments stacked on axis 0).
+
     Every other leaf of ``params`` (LayerNorm scales, embeddings,
     convolutions, ``nn.DenseGeneral``, a kernel also used outside its layer,
     e.g. in a weight-decay term or tied transposed) falls back: with
@@ -307,6 +322,8 @@ def factored_statistics(
             fit in cache on CPU, all at once on accelerators).
         nan_policy: ``"raise"`` (eager only), ``"zero"``, ``"propagate"``, ``"checkify"``.
         loss_scale: as in :func:`vectorized_statistics`.
+        env_ids: ``(N,)`` environment id per example, in ``[0, num_envs)``.
+        num_envs: the number of environments (static) with ``env_ids``.
         kwargs: keyword arguments for ``loss_fn``, passed unmapped.
 
     Returns:
@@ -349,7 +366,10 @@ def factored_statistics(
     args = (params, *batch)
     axes = _resolve_in_axes(None, len(args), (0,))
     _check_params(params, 0)
-    envs = _environment_count(axes, args)
+    envs = _environment_count(axes, args)  # with env_ids: examples
+    ids = None if env_ids is None else check_env_ids(env_ids, num_envs, envs)
+    if env_ids is None and num_envs is not None:
+        raise ValueError("num_envs is only used with env_ids (else the batch is (E, n, ...))")
     args = _map_mapped(lambda ax, x: jnp.asarray(x), axes, args)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
@@ -431,6 +451,14 @@ def factored_statistics(
     )
     (_, (losses, aux, inputs)), (unc_grads, deltas) = batched([leaves[i] for i in uncovered], perts_in, *rest)
 
+    if ids is not None:  # examples -> environments: mean losses and gradients, X and Δ/n_e grouped
+        assert num_envs is not None  # checked by check_env_ids
+        sizes = environment_sizes(ids, num_envs)
+        losses = jnp.where(sizes > 0, environment_means(losses, ids, sizes), jnp.nan)
+        unc_grads = environment_means(unc_grads, ids, sizes)
+        inputs, deltas = _group_examples(ids, sizes, inputs, deltas)
+        envs = num_envs
+
     # 3. Statistics per leaf: factored leaves from (X, Δ) by the core, the others from their gradients.
     stats: list[Any] = [None] * n_leaves
     if uncovered:
@@ -446,7 +474,39 @@ def factored_statistics(
         stats[i] = _factored_leaf(
             i, records, x_of, d_of, leaves[i], envs, combiner, nan_policy, names[i], chunk_size, loss_scale
         )
+    if ids is not None and isinstance(ids, jax.core.Tracer):  # an empty environment: out of the count
+        empty = jnp.sum(sizes == 0).astype(jnp.int32)
+        stats = [drop_zero_environments(st, empty) for st in stats]
     return ((losses, aux) if has_aux else losses), jax.tree_util.tree_unflatten(treedef, stats)
+
+
+def _group_examples(
+    ids: jax.Array, sizes: jax.Array, inputs: list[jax.Array], deltas: list[jax.Array]
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Per-example ``X`` and ``Δ`` ``(N, ..., width)`` -> ``(E, m·rows, width)`` per environment.
+
+    ``Δ`` is divided by the example's environment size (an environment's loss is the mean of its
+    examples'); rows past an environment's size are zero rows, which add nothing to ``Xᵀ Δ``. An
+    id out of range makes every ``Δ`` NaN: under ``jit`` the update is then NaN, never an update
+    that silently left examples out (as :func:`environment_means`).
+    """
+    n, num_envs = ids.shape[0], sizes.shape[0]
+    m = n if isinstance(ids, jax.core.Tracer) else max(1, int(np.max(np.asarray(sizes))))
+    onehot = ids[:, None] == jnp.arange(num_envs)[None, :]
+    rank = jnp.sum(jnp.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # position within its environment
+    pad = jnp.full((num_envs, m), n, jnp.int32).at[ids, rank].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+    stray = jnp.any((ids < 0) | (ids >= num_envs))
+    weight = 1.0 / jnp.maximum(sizes, 1)[jnp.clip(ids, 0, num_envs - 1)]
+    weight = jnp.where(stray, jnp.nan, weight)
+
+    def group(a: jax.Array, w: jax.Array | None) -> jax.Array:
+        a = _rows(a, n)  # (N, rows, width)
+        if w is not None:
+            a = a * w.astype(a.dtype)[:, None, None]
+        a = jnp.concatenate([a, jnp.zeros((1, *a.shape[1:]), a.dtype)])
+        return a[pad].reshape(num_envs, m * a.shape[1], a.shape[2])
+
+    return [group(x, None) for x in inputs], [group(d, weight) for d in deltas]
 
 
 def _rows(a: jax.Array, envs: int) -> jax.Array:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gradand import Combiner
+from gradand._stats import drop_zero_environments
 from gradand.backends.jax._all_reduce import AxisName, PyTree, make_varying
 from gradand.backends.jax._batch import (
     _check_params,
@@ -83,21 +84,13 @@ def unscaled_statistics(
     return jax.tree.map(lambda s, g: s.replace(dtype=g.dtype), stats, grads, is_leaf=_is_stats)
 
 
-def _present_statistics(grads: PyTree, combiner: Combiner, present: jax.Array, policy: str) -> PyTree:
-    """Statistics over the environments with ``present[e]``: absent ones count 0 (a traced count)."""
+def present_statistics(grads: PyTree, combiner: Combiner, sizes: jax.Array, policy: str) -> PyTree:
+    """Statistics over the environments with examples (a traced count): an empty environment's
+    gradient is exactly 0, and the core takes such environments out again."""
     policy = "propagate" if policy == "raise" else policy  # traced: values unknown
-
-    def one(e: Any) -> PyTree:
-        s = statistics(
-            jax.tree.map(lambda g: jax.lax.dynamic_slice_in_dim(g, e, 1), grads), combiner, nan_policy=policy
-        )
-        return jax.tree.map(lambda st: st.replace(count=present[e].astype(jnp.int32)), s, is_leaf=_is_stats)
-
-    def body(carry: PyTree, e: jax.Array) -> tuple[PyTree, None]:
-        return merge_trees(carry, one(e)), None
-
-    stats, _ = jax.lax.scan(body, one(0), jnp.arange(1, present.shape[0]))
-    return stats
+    stats = statistics(grads, combiner, nan_policy=policy)
+    empty = jnp.sum(sizes == 0).astype(jnp.int32)
+    return jax.tree.map(lambda st: drop_zero_environments(st, empty), stats, is_leaf=_is_stats)
 
 
 def vectorized_statistics(
@@ -217,7 +210,7 @@ def vectorized_statistics(
         losses = jnp.where(sizes > 0, environment_means(losses, ids, sizes), jnp.nan)
         grads = environment_means(grads, ids, sizes)
         if isinstance(ids, jax.core.Tracer):
-            stats = _present_statistics(_unscaled(grads, loss_scale), combiner, sizes > 0, nan_policy)
+            stats = present_statistics(_unscaled(grads, loss_scale), combiner, sizes, nan_policy)
             stats = jax.tree.map(lambda s, g: s.replace(dtype=g.dtype), stats, grads, is_leaf=_is_stats)
         else:  # checked eagerly: every environment has examples
             stats = unscaled_statistics(grads, combiner, loss_scale, nan_policy)
