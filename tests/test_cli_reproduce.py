@@ -191,7 +191,7 @@ def test_colored_digits_quick_averaging_learns_the_colour_and_the_penalties_do_n
         ["reproduce", "colored-digits", "--quick", "--seeds", "2", "--methods", "mean,and_mask,irm,grayscale",
          "--out", str(tmp_path), "--no-progress"],
     )  # fmt: skip
-    assert "test acc (95% CI)" in out and "no better than averaging" in out and "IRMv1 beats averaging" in out
+    assert "test acc ± 95%" in out and "no better than averaging" in out and "IRMv1 beats averaging" in out
     doc = json.loads((tmp_path / "colored-digits-quick.json").read_text())
     m = doc["results"]["methods"]
     assert list(m) == ["mean", "and_mask", "irm", "grayscale"] and doc["seeds"] == [0, 1]

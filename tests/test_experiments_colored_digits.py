@@ -259,7 +259,7 @@ def test_run_pairs_methods_by_seed_and_reports_distributions():
         threads=1,
     )
     m = report.results["methods"]
-    assert m["vrex"]["label"] == "V-REx(λ=10000)" and m["reversed_mean"]["label"] == "mean, 1 env reversed"
+    assert m["vrex"]["label"] == "V-REx(λ=10000)" and m["reversed_mean"]["label"] == "mean, 1 reversed"
     assert m["mean"]["curves"][0]["epoch"] == [1, 2, 3]
     assert report.config["seeds"] == [3, 5] and report.config["anneal_steps"] == 1
     assert [c.claim.split(" ")[0] for c in report.checks] == ["averaging", "V-REx"]

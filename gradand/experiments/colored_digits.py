@@ -445,7 +445,7 @@ def _label(spec: dict[str, Any]) -> str:
     if data.get("grayscale"):
         text += ", grayscale"
     if data.get("reversed_envs"):
-        text += f", {data['reversed_envs']} env reversed"
+        text += f", {data['reversed_envs']} reversed"
     return text
 
 
@@ -680,7 +680,7 @@ def run(
             ]
         )
     table = format_table(
-        ["method", "setting", "train acc", "test acc (95% CI)", f"test ≥ {SUCCESS}", "grad kept"], rows
+        ["method", "setting", "train acc", "test acc ± 95%", f"test ≥ {SUCCESS}", "grad kept"], rows
     )
     checks = _checks(per_method, train)
 
