@@ -82,11 +82,19 @@ def _check_factors(factors: Sequence[LayerFactors], name: str) -> int:
     return int(envs)
 
 
-def _gradients(factors: Sequence[LayerFactors], sl: slice, layout: Layout, xp: Any) -> Any:
-    """``(e, *matrix)``: the chunk's per-environment gradients summed over the layer calls."""
+def _gradients(
+    factors: Sequence[LayerFactors], sl: slice, layout: Layout, xp: Any, seed: float | None = None
+) -> Any:
+    """``(e, *matrix)``: the chunk's per-environment gradients summed over the layer calls.
+
+    ``seed``: a power of two the output gradients are multiplied by first (exact): the products
+    then come scaled as a :class:`Fold` sums them, at the cost of scaling ``Δ``, not ``Δᵀ X``.
+    """
     g = None
     for f in factors:
         d = f.deltas[sl, ...]
+        if seed is not None:
+            d = d * seed
         if f.inputs is None:  # a bias: the sum of the output gradients over the rows
             gi = xp.sum(d, axis=1)
         else:
@@ -203,8 +211,14 @@ def _statistics(
     if chunk_size is None:
         per_env = math.prod(shape) * 4
         chunk_size = envs if outer else max(1, CHUNK_BYTES // max(per_env, 1))
+    # a namespace may ask for sums over environments unrolled (XLA on CPU reduces over a leading
+    # axis several times slower than it fuses a sum of per-environment terms)
+    unroll = not outer and bool(getattr(xp, "gradand_unroll_environments", lambda n: False)(envs))
     out = Statistics()
-    fold = None
+    fold = seed = None
+    if not outer and (unroll or chunk_size < envs):  # chunks folded as they come: sums, no merges
+        fold = Fold(combiner, envs, nan_policy=policy, xp=xp, _checked_later=later)
+        seed = fold.seed(first.deltas.dtype, xp)
     for start in range(0, envs, chunk_size):
         sl = slice(start, min(start + chunk_size, envs))
         if outer:
@@ -222,20 +236,18 @@ def _statistics(
                 part = _reshaped(part, shape, xp)
             out = part if out.is_empty else out + part
         else:
-            g = _gradients(factors, sl, layout, xp)
+            g = _gradients(factors, sl, layout, xp, seed)
             dtype = g.dtype  # the update comes back in the gradients' dtype
             if scale is not None:
                 g = xp.astype(g, accumulation_dtype(g.dtype, xp)) / scale
             g = xp.reshape(g, (g.shape[0], *shape))
-            if g.shape[0] == envs:  # one chunk: the dense statistics
+            if fold is None:  # one chunk: the dense statistics
                 out = statistics(g, combiner, axis=0, nan_policy=policy, xp=xp, _checked_later=later)
-                continue
-            if fold is None:  # chunks folded as they come: a sum, not a merge, per chunk
-                fold = Fold(combiner, envs, nan_policy=policy, xp=xp, _checked_later=later)
-            if g.shape[0] == 1:
-                fold.add(g[0, ...])
+            elif unroll or g.shape[0] == 1:  # one environment at a time: sums the compiler fuses
+                for e in range(g.shape[0]):
+                    fold.add(g[e, ...], seeded=seed is not None)
             else:
-                fold.add(g, axis=0)
+                fold.add(g, axis=0, seeded=seed is not None)
     if fold is not None:
         out = fold.result()
     if out.dtype != dtype:

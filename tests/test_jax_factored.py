@@ -373,13 +373,14 @@ def test_property_equals_value_and_grad(envs, n, hidden, threshold, sand, seed):
 
 def test_environments_in_cache_sized_chunks_with_a_remainder(monkeypatch):
     """Many environments: a 260 x 260 kernel's statistics come in chunks of 7 on CPU: 9 = 7 + 2."""
-    from gradand.backends.jax import _factored
+    from gradand.backends.jax import _factored, _tree
 
     x, y = make_batch(envs=9, n=2)
     params = jax.tree.map(lambda a: a / 5, pure_params(4, hidden=260))
-    assert _factored._chunk_size(params["l2"]["w"], 9) == 1 or jax.default_backend() != "cpu"
-    monkeypatch.setattr(_factored, "_UNROLL_ENVIRONMENTS", 0)  # as for more than 256 environments
+    # on CPU: batched products of chunks that stay in cache, each summed one environment at a
+    # time (up to 256 environments), or reduced over the chunk's axis (beyond)
     assert _factored._chunk_size(params["l2"]["w"], 9) == 7 or jax.default_backend() != "cpu"
+    monkeypatch.setattr(_tree, "_UNROLL_ENVIRONMENTS", 0)  # as for more than 256 environments
     for c in (gradand.AndMask(threshold=0.5),):
         chunked = jax.jit(gj.value_and_grad(pure_loss, c, method="factored"))(params, x, y)
         with monkeypatch.context() as m:

@@ -48,7 +48,7 @@ from gradand.backends.jax._batch import (
     environment_sizes,
 )
 from gradand.backends.jax._sources import check_chunk_size, check_loss_scale, scaled_loss, unscaled_statistics
-from gradand.backends.jax._tree import _UNROLL_ENVIRONMENTS, _is_stats, check_combiner, check_nan_policy
+from gradand.backends.jax._tree import XP, _is_stats, check_combiner, check_nan_policy
 
 __all__ = ["FACTORED_LAYERS", "dense", "factored_statistics"]
 
@@ -556,6 +556,7 @@ def _factored_leaf(
         scale=loss_scale,
         nan_policy=policy,
         name=name,
+        xp=XP,
     )
     return s.replace(dtype=leaf.dtype)
 
@@ -568,12 +569,11 @@ _CHUNK_BYTES = 2 * 1024 * 1024
 
 
 def _chunk_size(leaf: jax.Array, envs: int) -> int:
-    """Environments per batched product of a kernel: all at once on accelerators. On CPU, XLA
-    reduces over a leading axis several times slower than it fuses a sum of per-environment
-    terms, so one environment per product (the engine then merges them one at a time) while the
-    trace stays short; above that, chunks whose gradients stay in cache."""
+    """Environments per batched product of a kernel: all at once on accelerators; on CPU, chunks
+    whose per-environment gradients stay in cache (XLA reduces over a leading axis several times
+    slower than it fuses a sum of per-environment terms, so the engine sums each chunk one
+    environment at a time while the trace stays short: the namespace's
+    ``gradand_unroll_environments``)."""
     if jax.default_backend() != "cpu":
         return envs
-    if envs <= _UNROLL_ENVIRONMENTS:
-        return 1
-    return max(1, _CHUNK_BYTES // max(1, leaf.size * 4))
+    return min(envs, max(1, _CHUNK_BYTES // max(1, leaf.size * 4)))

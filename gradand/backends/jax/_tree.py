@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import array_api_compat
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
 import gradand
 from gradand import Combiner, Statistics
+from gradand._stats import Fold
 from gradand.backends.jax._all_reduce import AxisName, PyTree, all_reduce_statistics
 
 __all__ = ["NAN_POLICIES", "TreeInfo", "combine", "finalize", "statistics"]
@@ -91,6 +93,31 @@ def _unrolled(g: jax.Array) -> bool:
     )
 
 
+class _JaxNamespace:
+    """array-api-compat's JAX namespace, plus the core's hook for unrolled sums over environments.
+
+    ``gradand_unroll_environments(n)``: under ``jit`` on CPU with at most
+    :data:`_UNROLL_ENVIRONMENTS` environments, XLA fuses a sum of per-environment terms several
+    times faster than it reduces over the leading axis, so the core's factored engine folds the
+    environments one at a time there.
+    """
+
+    @staticmethod
+    def gradand_unroll_environments(n: int) -> bool:
+        return 1 <= n <= _UNROLL_ENVIRONMENTS and jax.default_backend() == "cpu"
+
+    def __getattr__(self, name: str) -> Any:  # first lookup of a name: cache it on the instance
+        value = getattr(_COMPAT, name)
+        setattr(self, name, value)
+        return value
+
+
+_COMPAT = array_api_compat.array_namespace(jnp.zeros(()))
+
+#: The namespace the JAX backend hands the core.
+XP: Any = _JaxNamespace()
+
+
 def _leaf_statistics(g: jax.Array, combiner: Combiner, nan_policy: str, name: str) -> Statistics:
     policy = nan_policy
     if nan_policy == "checkify":
@@ -108,9 +135,10 @@ def _leaf_statistics(g: jax.Array, combiner: Combiner, nan_policy: str, name: st
         # form, gradand.merge of each environment's statistics). Under jit "raise" cannot look
         # at the values anyway.
         policy = "propagate" if policy == "raise" else policy
-        return gradand.merge(
-            *(gradand.statistics(g[e], combiner, axis=None, nan_policy=policy) for e in range(g.shape[0]))
-        )
+        fold = Fold(combiner, g.shape[0], nan_policy=policy)
+        for e in range(g.shape[0]):
+            fold.add(g[e])
+        return fold.result()
     try:
         return gradand.statistics(g, combiner, nan_policy=policy)
     except ValueError as e:  # the core's eager NaN check, or an empty environment axis
