@@ -408,3 +408,18 @@ def test_inputs_with_several_leading_axes():
     c = gradand.AndMask(threshold=0.5)
     got = gj.value_and_grad(loss, c, method="factored", fallback="error")(params, x, y)
     assert_same(got, gj.value_and_grad(loss, c)(params, x, y))
+
+
+def test_several_cache_sized_chunks_are_scanned_and_equal_one_product(monkeypatch):
+    """20 environments of a 260 x 260 kernel on CPU: chunks of 7 (2 in a scan, then 6 more)."""
+    from gradand.backends.jax import _factored
+
+    x, y = make_batch(envs=20, n=2)
+    params = jax.tree.map(lambda a: a / 5, pure_params(4, hidden=260))
+    assert _factored._chunk_size(params["l2"]["w"], 20) == 7 or jax.default_backend() != "cpu"
+    for c in (gradand.AndMask(threshold=0.5), gradand.SandMask(threshold=0.5, k=3.0)):
+        chunked = jax.jit(gj.value_and_grad(pure_loss, c, method="factored"))(params, x, y)
+        with monkeypatch.context() as m:
+            m.setattr(_factored, "_CHUNK_BYTES", 2**40)
+            whole = jax.jit(gj.value_and_grad(pure_loss, c, method="factored"))(params, x, y)
+        assert_same(chunked, whole, atol=1e-5)

@@ -547,18 +547,45 @@ def _factored_leaf(
             len(factors) == 1 and factors[0].deltas.shape[1] == 1
         )  # a bias, or the outer-product path
         chunk_size = envs if one_product else _chunk_size(leaf, envs)
-    s = gradand.layer_statistics(
-        factors,
-        combiner,
-        shape=leaf.shape,
-        layout="in_out",
-        chunk_size=chunk_size,
-        scale=loss_scale,
-        nan_policy=policy,
-        name=name,
-        xp=XP,
-    )
-    return s.replace(dtype=leaf.dtype)
+
+    def engine(parts: list[gradand.LayerFactors], n: int, how: str) -> Statistics:
+        return gradand.layer_statistics(
+            parts, combiner, shape=leaf.shape, layout="in_out", chunk_size=min(chunk_size, n),
+            scale=loss_scale, nan_policy=how, name=name, xp=XP,
+        )  # fmt: skip
+
+    n_chunks = envs // chunk_size
+    if n_chunks < 2 or not XP.gradand_unroll_environments(envs):
+        return engine(factors, envs, policy).replace(dtype=leaf.dtype)
+    # Several chunks on CPU: a scan over them, as the vectorized path's chunks, so that one chunk's
+    # batched product and its unrolled sums are live at a time (in cache), not all of them.
+    part = functools.partial(_chunk_of, factors, chunk_size)
+    traced = "propagate" if policy == "raise" else policy  # in a scan the values are unknown
+    first = engine(part(0), chunk_size, traced)
+
+    def body(carry: Statistics, i: jax.Array) -> tuple[Statistics, None]:
+        return carry + engine(part(i), chunk_size, traced), None
+
+    first = first.replace(count=jnp.asarray(first.count, jnp.int32))  # a carry: the count is an array
+    s, _ = jax.lax.scan(body, first, jnp.arange(1, n_chunks))
+    head = n_chunks * chunk_size
+    if head < envs:
+        rest = [
+            gradand.LayerFactors(None if f.inputs is None else f.inputs[head:], f.deltas[head:])
+            for f in factors
+        ]
+        s = s + engine(rest, envs - head, traced)
+    # the number of environments is static: a Python int, so the vote threshold stays exact
+    return s.replace(count=envs, dtype=leaf.dtype)
+
+
+def _chunk_of(factors: list[gradand.LayerFactors], size: int, i: Any) -> list[gradand.LayerFactors]:
+    """Chunk ``i`` (possibly traced) of ``size`` environments of every factor."""
+
+    def cut(a: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(a, i * size, size, axis=0)
+
+    return [gradand.LayerFactors(None if f.inputs is None else cut(f.inputs), cut(f.deltas)) for f in factors]
 
 
 #: Bytes of per-environment kernel gradients per chunk on CPU: small enough that the batched
