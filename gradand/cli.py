@@ -5,6 +5,8 @@
     gradand reproduce memorization    # random labels, one environment per example (PyTorch)
     gradand reproduce consistency     # the consistency-of-minima landscapes (numpy)
     gradand reproduce colored-digits  # where the AND-mask cannot help: IRM's Colored MNIST recipe
+    gradand reproduce sweep           # where the AND-mask stops working: spirals over a grid
+    gradand reproduce minima          # consistency of the minima that each method reaches
 
 Every command prints a summary table and the paper's claims checked on the
 measured numbers, writes ``DIR/<experiment>.json`` atomically (an existing
@@ -55,6 +57,8 @@ EXPERIMENTS: dict[str, tuple[tuple[str, ...], str, int]] = {
     "memorization": (("torch", "jax", "tensorflow"), "torch", 1),
     "consistency": (("numpy",), "numpy", 3),
     "colored-digits": (("torch", "jax", "tensorflow"), "torch", 10),
+    "sweep": (("torch", "jax", "tensorflow"), "torch", 10),
+    "minima": (("torch", "jax", "tensorflow"), "torch", 10),
 }
 
 
@@ -414,6 +418,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs (method x seed) trained side by side in worker processes (default: one per CPU "
         f"core on cpu, 1 on an accelerator or with --quick); at most {PER_CPU} per CPU",
     )
+    jobs_help = (
+        "runs trained side by side in worker processes (default: one per CPU core on cpu, 1 on an "
+        f"accelerator or with --quick); at most {PER_CPU} per CPU"
+    )
+    sw = experiments.add_parser(
+        "sweep",
+        parents=[common],
+        help="where the AND-mask stops working: success rates over environments and shortcuts",
+        description="Averaging, AND-mask (τ=1 and 0.5), geometric mean and SAND-mask on the spirals "
+        "task (the spirals quick preset's sizes) swept over the number of environments, the shortcut "
+        "dimensions and the shortcut scale, one axis at a time, examples per environment fixed; per "
+        "cell and method the success rate (test >= 0.95) with a 95%% Wilson interval (default 10 seeds).",
+    )
+    sw.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    sw.add_argument("--envs", help="comma-separated numbers of environments (default 2,4,8,16,32,64)")
+    sw.add_argument("--shortcut-dims", help="comma-separated shortcut dimensions (default 0,2,8,32)")
+    sw.add_argument("--shortcut-scale", help="comma-separated shortcut scales (default 0.1,0.3,1,3)")
+    sw.add_argument("--jobs", type=_integer("--jobs", per_cpu=True), help=jobs_help)
+
+    mi = experiments.add_parser(
+        "minima",
+        parents=[common],
+        help="consistency of the minima found: inconsistency I^ε beside test accuracy",
+        description="Averaging, AND-mask and geometric mean on the spirals task (the spirals quick "
+        "preset); after training, the empirical inconsistency of the minimum across the training "
+        "environments in a random subspace of parameter space, beside the test accuracy, as "
+        "distributions over seeds (default 10).",
+    )
+    mi.add_argument(
+        "--epsilon", type=_number("--epsilon", positive=True), help="loss level ε (default 0.1)"
+    )
+    mi.add_argument("--probes", type=_positive_int("--probes"), help="probe directions (default 8)")
+    mi.add_argument("--jobs", type=_integer("--jobs", per_cpu=True), help=jobs_help)
     return parser
 
 
@@ -706,12 +743,109 @@ def _colored_digits(args: argparse.Namespace, backend: str, seeds: tuple[int, ..
     return "colored-digits" + ("-quick" if args.quick else ""), go
 
 
+def _listed(text: str | None, option: str, parse: Callable[[str], Any]) -> tuple[Any, ...] | None:
+    """A comma-separated option's values, each parsed, none repeated (``None`` when not given)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or len(parts) > LIMITS["--thresholds"]:
+        limit = LIMITS["--thresholds"]
+        raise CLIError(f"{option} {_shown(text)!r}: expected 1 to {limit} comma-separated values")
+    try:
+        values = tuple(parse(p) for p in parts)
+    except argparse.ArgumentTypeError as e:
+        raise CLIError(f"{option}: {e}") from None
+    _no_repeats(option, text, values)
+    return values
+
+
+def _sweep(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -> Prepared:
+    import dataclasses
+
+    from gradand.experiments import sweep
+
+    name = "quick" if args.quick else "default"
+    data, train, grid = sweep.preset(name)
+    changes = {
+        "n_envs": _listed(args.envs, "--envs", _positive_int("--envs")),
+        "shortcut_dims": _listed(args.shortcut_dims, "--shortcut-dims", _integer("--shortcut-dims", 0)),
+        "shortcut_scale": _listed(
+            args.shortcut_scale, "--shortcut-scale", _number("--shortcut-scale", positive=False)
+        ),
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    grid = dataclasses.replace(grid, **changes)
+    for setting in [c[2] for c in sweep.cells(data, grid)]:
+        values = (setting.n_envs * setting.examples_per_env + setting.n_test) * (2 + setting.shortcut_dims)
+        if values > MAX_SPIRALS_VALUES:
+            raise CLIError(f"a cell's data would hold {values:.3g} numbers; at most {MAX_SPIRALS_VALUES:.0e}")
+    methods = tuple(sweep.METHODS)
+    if args.methods:
+        methods = _listed(args.methods, "--methods", str)
+        unknown = [_shown(m) for m in methods if m not in sweep.METHODS]
+        if unknown:
+            raise CLIError(
+                f"--methods {_shown(args.methods)!r}: unknown {unknown[:5]}; choose from "
+                f"{', '.join(sweep.METHODS)}"
+            )
+    custom = bool(changes or args.methods)
+
+    def go() -> Any:
+        return sweep.run(
+            data,
+            train,
+            grid,
+            methods=methods,
+            seeds=seeds,
+            backend=backend,
+            device=args.device,
+            show_progress=not args.no_progress,
+            preset_name=name if not custom else f"{name} (modified)",
+            log=_log(args),
+            jobs=1 if args.quick and args.jobs is None else args.jobs,
+            threads=args.threads,
+        )
+
+    return "sweep" + ("-quick" if args.quick else ""), go
+
+
+def _minima(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -> Prepared:
+    import dataclasses
+
+    from gradand.experiments import minima, sweep
+
+    name = "quick" if args.quick else "default"
+    data, train, _ = sweep.preset(name)
+    probe = minima.PRESETS[name]
+    changes = {k: v for k, v in {"epsilon": args.epsilon, "n_probes": args.probes}.items() if v is not None}
+    probe = dataclasses.replace(probe, **changes)
+
+    def go() -> Any:
+        return minima.run(
+            data,
+            train,
+            probe=probe,
+            seeds=seeds,
+            backend=backend,
+            device=args.device,
+            show_progress=not args.no_progress,
+            preset_name=name if not changes else f"{name} (modified)",
+            log=_log(args),
+            jobs=1 if args.quick and args.jobs is None else args.jobs,
+            threads=args.threads,
+        )
+
+    return "minima" + ("-quick" if args.quick else ""), go
+
+
 HANDLERS = {
     "patchwork": _patchwork,
     "spirals": _spirals,
     "memorization": _memorization,
     "consistency": _consistency,
     "colored-digits": _colored_digits,
+    "sweep": _sweep,
+    "minima": _minima,
 }
 
 

@@ -220,3 +220,45 @@ def test_colored_digits_errors_name_the_option(capsys, tmp_path):
         assert cli.main(["reproduce", "colored-digits", *argv, "--out", str(tmp_path)]) == 2
         assert match in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_sweep_quick_writes_success_rates_per_cell_and_the_plot(capsys, tmp_path):
+    pytest.importorskip("torch")
+    out = _run(
+        capsys,
+        ["reproduce", "sweep", "--quick", "--seeds", "2", "--methods", "mean,and_mask", "--envs", "2,4",
+         "--shortcut-dims", "2", "--shortcut-scale", "1", "--out", str(tmp_path), "--no-progress"],
+    )  # fmt: skip
+    assert "runs with test >= 0.95 / runs" in out and "AND-mask (τ=1) succeeds more often" in out
+    doc = json.loads((tmp_path / "sweep-quick.json").read_text())
+    cells = doc["results"]["cells"]
+    assert [(c["axis"], c["value"]) for c in cells] == [("n_envs", 2), ("n_envs", 4)]
+    assert sorted(cells[0]["methods"]) == ["and_mask", "mean"] and doc["seeds"] == [0, 1]
+    assert cells[1]["methods"]["mean"]["test"]["n"] == 2 and doc["config"]["preset"] == "quick (modified)"
+    assert (tmp_path / "sweep-quick.png").exists()
+
+
+def test_minima_quick_reports_inconsistency_beside_test_accuracy(capsys, tmp_path):
+    pytest.importorskip("torch")
+    argv = ["reproduce", "minima", "--quick", "--seeds", "2", "--out", str(tmp_path), "--no-progress"]
+    out = _run(capsys, argv)
+    assert "I^ε (ε=0.1)" in out and "more consistent minima than averaging" in out
+    doc = json.loads((tmp_path / "minima-quick.json").read_text())
+    assert sorted(doc["results"]["methods"]) == ["and_mask", "geometric_mean", "mean"]
+    assert doc["config"]["probe"]["dims"] == 2 and len(doc["results"]["runs"]) == 6
+    assert (tmp_path / "minima-quick.png").exists()
+
+
+def test_sweep_and_minima_errors_name_the_option(capsys, tmp_path):
+    for argv, match in (
+        (["sweep", "--envs", "2,x"], "--envs"),
+        (["sweep", "--envs", "2,2"], "2 appears twice"),
+        (["sweep", "--shortcut-scale", "-1"], "--shortcut-scale"),
+        (["sweep", "--methods", "mean,fish"], "'fish'"),
+        (["sweep", "--envs", "1000", "--shortcut-dims", "1000"], "numbers"),
+        (["minima", "--epsilon", "0"], "--epsilon"),
+        (["minima", "--backend", "numpy"], "not supported for the minima experiment"),
+    ):
+        assert cli.main(["reproduce", *argv, "--out", str(tmp_path)]) == 2
+        assert match in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -306,6 +306,15 @@ class _Backend(training.Backend):
         grad = jax.jit(lambda w: gj.value_and_grad(loss, combiner, nan_policy="propagate")(w, (xj, yj))[1])
         return lambda w: np.asarray(grad(jax.device_put(np.float32(w), dev)), dtype=np.float64)
 
+    def dense_layers(self, model: MLP) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not isinstance(model, MLP) or model.spec["batch_norm"]:
+            raise ValueError("model must be the JAX backend's MLP without batch norm")
+        p = model.params
+        return [
+            (np.asarray(p[f"w{i}"], dtype=np.float64), np.asarray(p[f"b{i}"], dtype=np.float64))
+            for i in range(model.spec["hidden_layers"] + 1)
+        ]
+
 
 #: The JAX backend of the experiments (``training.get_backend("jax")``).
 BACKEND = _Backend()

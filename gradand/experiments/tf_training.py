@@ -241,6 +241,18 @@ class _Backend(training.Backend):
 
         return lambda w: grad(tf.constant(w, dtype=tf.float64)).numpy()
 
+    def dense_layers(self, model: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        _need_tf()
+        layers = list(getattr(model, "layers", ()))
+        other = [type(x).__name__ for x in layers if isinstance(x, keras.layers.BatchNormalization)]
+        if other or not layers:
+            raise ValueError("model must be a Keras MLP without batch norm")
+        return [
+            (np.asarray(x.kernel, dtype=np.float64), np.asarray(x.bias, dtype=np.float64))
+            for x in layers
+            if isinstance(x, keras.layers.Dense)
+        ]
+
 
 #: The TensorFlow backend of the experiments (``training.get_backend("tensorflow")``).
 BACKEND = _Backend()

@@ -256,6 +256,19 @@ class _Backend(training.Backend):
 
         return gradient
 
+    def dense_layers(self, model: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        _need_torch()
+        modules = list(model.modules())
+        other = [type(m).__name__ for m in modules if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm,
+                                                                     torch.nn.modules.conv._ConvNd))]
+        if other:
+            raise ValueError(f"model must be an MLP without batch norm; it has {other[0]}")
+        return [
+            (m.weight.detach().cpu().double().numpy().T.copy(), m.bias.detach().cpu().double().numpy())
+            for m in modules
+            if isinstance(m, torch.nn.Linear)
+        ]
+
 
 #: The PyTorch backend of the experiments (``training.get_backend("torch")``).
 BACKEND = _Backend()

@@ -283,7 +283,7 @@ class Backend(abc.ABC):
 
     ``get_backend("torch")``, ``get_backend("jax")`` and
     ``get_backend("tensorflow")`` are the three implementations; a new one
-    sets :attr:`name` and :attr:`trainer_type` and implements the three
+    sets :attr:`name` and :attr:`trainer_type` and implements the four
     abstract methods.
 
     Example:
@@ -311,6 +311,16 @@ class Backend(abc.ABC):
         self, combiner: Combiner, x: np.ndarray, y: np.ndarray, *, device: str = "cpu"
     ) -> Callable[[np.ndarray], np.ndarray]:
         """``gradient(w)``: the ``combiner``'s update of the losses ``½ (x_e·w − y_e)²`` (float64)."""
+
+    @abc.abstractmethod
+    def dense_layers(self, model: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The linear layers of an MLP that :meth:`build` made, input to output, as float64 numpy.
+
+        Each is ``(weight (in, out), bias (out,))``: the model is ``x @ W + b``, the
+        activation, ..., the last layer without one. ``ValueError`` for a model with batch
+        norm (not a stack of linear layers and activations) or one that is not an MLP.
+        Dropout is the identity at evaluation, so it does not matter here.
+        """
 
     def trainer(
         self,
