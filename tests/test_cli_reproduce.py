@@ -255,7 +255,7 @@ def test_sweep_and_minima_errors_name_the_option(capsys, tmp_path):
         (["sweep", "--envs", "2,2"], "2 appears twice"),
         (["sweep", "--shortcut-scale", "-1"], "--shortcut-scale"),
         (["sweep", "--methods", "mean,fish"], "'fish'"),
-        (["sweep", "--envs", "1000", "--shortcut-dims", "1000"], "numbers"),
+        (["sweep", "--shortcut-scale", "1,x"], "--shortcut-scale"),
         (["minima", "--epsilon", "0"], "--epsilon"),
         (["minima", "--backend", "numpy"], "not supported for the minima experiment"),
     ):
