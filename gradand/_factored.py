@@ -218,7 +218,9 @@ def _statistics(
     fold = seed = None
     if not outer and (unroll or chunk_size < envs):  # chunks folded as they come: sums, no merges
         fold = Fold(combiner, envs, nan_policy=policy, xp=xp, _checked_later=later)
-        seed = fold.seed(first.deltas.dtype, xp)
+        # the fold's power of two on Δ when Δ is smaller than the products (few rows), else on them
+        rows = sum(math.prod(f.deltas.shape[1:]) for f in factors)
+        seed = fold.seed(first.deltas.dtype, xp) if rows < math.prod(shape) else None
     for start in range(0, envs, chunk_size):
         sl = slice(start, min(start + chunk_size, envs))
         if outer:

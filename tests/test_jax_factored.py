@@ -417,6 +417,7 @@ def test_several_cache_sized_chunks_are_scanned_and_equal_one_product(monkeypatc
     x, y = make_batch(envs=20, n=2)
     params = jax.tree.map(lambda a: a / 5, pure_params(4, hidden=260))
     assert _factored._chunk_size(params["l2"]["w"], 20) == 7 or jax.default_backend() != "cpu"
+    monkeypatch.setattr(_factored, "_SCAN_CHUNKS", 2)  # scan from 2 chunks (default: from 4)
     for c in (gradand.AndMask(threshold=0.5), gradand.SandMask(threshold=0.5, k=3.0)):
         chunked = jax.jit(gj.value_and_grad(pure_loss, c, method="factored"))(params, x, y)
         with monkeypatch.context() as m:
