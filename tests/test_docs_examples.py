@@ -96,7 +96,8 @@ def blocks_of(path: Path) -> list[Block]:
         language = (m.group("info").strip().split() or [""])[0].lstrip(".").lower()
         body = textwrap.dedent(m.group("body"))
         before = text[: m.start()].rstrip()
-        directive = _DIRECTIVE.search(before[-300:]) if before.endswith("-->") else None
+        # the comment just above the block, however long (from its own "<!--")
+        directive = _DIRECTIVE.search(before[before.rfind("<!--") :]) if before.endswith("-->") else None
         skip = output_of = recorded = None
         if directive:
             key, value = directive.group("key"), directive.group("value")
