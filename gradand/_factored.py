@@ -31,8 +31,9 @@ from gradand._stats import Fold, Statistics, statistics
 
 __all__ = ["LayerFactors", "layer_statistics"]
 
-#: Bytes of per-environment gradients materialised at once when ``chunk_size`` is automatic.
-CHUNK_BYTES = 8 * 2**20
+#: Bytes of per-environment gradients materialised at once when ``chunk_size`` is automatic:
+#: cache-sized (TensorFlow, spirals MLP 64 x 64 on CPU: 12% faster than 8 MiB; the same at 16 x 256).
+CHUNK_BYTES = 2 * 2**20
 
 Layout = Literal["out_in", "in_out"]
 
@@ -146,7 +147,7 @@ def layer_statistics(
             (PyTorch's ``nn.Linear``), ``"in_out"`` for ``(in, out)`` kernels
             (flax, Keras).
         chunk_size: environments per batched product; ``None`` picks chunks of
-            about 8 MiB of gradients (one chunk for a bias or a small layer).
+            about 2 MiB of gradients, which stay in a CPU cache (one chunk for a bias or a small layer).
         scale: the loss scale the deltas carry (mixed precision); the
             gradients are divided by it before the statistics.
         nan_policy: as in :func:`gradand.statistics`; ``"raise"`` is checked on

@@ -272,7 +272,7 @@ def factored_statistics(
         variables: what to differentiate; default ``model.trainable_variables``.
         training: passed to the model.
         fallback: ``"vectorized"`` or ``"error"``, for variables outside supported layers.
-        chunk_size: environments per batched product (the core's default: about 8 MiB).
+        chunk_size: environments per batched product (the core's default: about 2 MiB, cache-sized).
         nan_policy: ``"raise"`` checks the summed statistics (eagerly
             ``ValueError``, in a ``tf.function`` ``tf.errors.InvalidArgumentError``,
             skipped under XLA), ``"zero"`` or ``"propagate"``.
