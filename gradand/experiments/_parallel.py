@@ -29,10 +29,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["available_cpus", "run_jobs", "set_threads", "worker_plan"]
+K = TypeVar("K", bound=Hashable)
+
+__all__ = ["available_cpus", "run_jobs", "run_many", "set_threads", "worker_plan"]
 
 
 def available_cpus() -> int:
@@ -217,3 +219,59 @@ def run_jobs(
         raise
     pool.shutdown(wait=True)
     return results
+
+
+def run_many(
+    fn: Callable[..., Any],
+    runs: Sequence[K],
+    job: Callable[[K, bool], tuple[Any, ...]],
+    *,
+    jobs: int | None,
+    threads: int | None,
+    device: str,
+    backend: str,
+    desc: str,
+    show_progress: bool,
+    first: Callable[[K], Any] | None = None,
+    inner_progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    line: Callable[[K, Any], str] | None = None,
+) -> tuple[dict[K, Any], int, int | None]:
+    """An experiment's runs (e.g. ``(seed, method)`` keys), in workers, with one progress bar.
+
+    ``job(key, progress)`` gives ``fn``'s arguments for a run (``progress``: whether that run may
+    show its own bar, i.e. one worker and ``inner_progress``); runs go in ``first``'s order
+    (smallest key first: the longest runs, so that workers finish together); ``log(line(key,
+    result))`` as each finishes. Returns ``({key: result}, workers, threads per worker)``
+    (:func:`worker_plan`'s, for the report).
+
+    Example:
+        >>> from gradand.experiments._parallel import run_many
+        >>> run_many(pow, [2, 3], lambda k, _: (k, 2), jobs=1, threads=None, device="cpu",
+        ...          backend="numpy", desc="powers", show_progress=False)[0]
+        {2: 4, 3: 9}
+    """
+    from gradand.experiments._report import progress
+
+    workers, threads = worker_plan(len(runs), jobs, threads, device)
+    order = list(range(len(runs)))
+    if first is not None:
+        order.sort(key=lambda i: first(runs[i]))
+    inner = inner_progress and show_progress and workers == 1
+    bar = progress(range(len(runs)), total=len(runs), desc=desc, enabled=show_progress and not inner)
+    ticks = iter(bar)
+
+    def done(k: int, out: Any) -> None:
+        next(ticks, None)
+        if log is not None and line is not None:
+            log(line(runs[order[k]], out))
+
+    try:
+        outs = run_jobs(
+            fn, [job(runs[i], inner) for i in order], workers=workers, backend=backend, threads=threads,
+            on_done=done,
+        )  # fmt: skip
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+    return {runs[i]: out for i, out in zip(order, outs)}, workers, threads

@@ -608,8 +608,8 @@ def run(
     """
     from gradand.experiments import TRAINING_MODULES
     from gradand.experiments._distribution import distribution
-    from gradand.experiments._parallel import run_jobs, worker_plan
-    from gradand.experiments._report import Report, format_table, progress
+    from gradand.experiments._parallel import run_many
+    from gradand.experiments._report import Report, format_table
 
     if backend not in TRAINING_MODULES:
         raise ValueError(f"backend must be one of {sorted(TRAINING_MODULES)}; got {backend!r}")
@@ -620,37 +620,22 @@ def run(
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     runs = [(seed, m) for seed in seeds for m in methods]
-    workers, threads = worker_plan(len(runs), jobs, threads, device)
-    # Longest runs first (the per-environment combiners), so that workers finish together.
-    order = sorted(range(len(runs)), key=lambda i: table_methods[runs[i][1]]["combiner"][0] == "mean")
-    bar = progress(
-        range(len(runs)), total=len(runs), desc="colored-digits runs", enabled=show_progress and workers > 1
-    )
-    ticks = iter(bar)
 
-    def done(k: int, out: dict[str, Any]) -> None:
-        next(ticks, None)
-        seed, m = runs[order[k]]
-        if log is not None:
-            log(
-                f"colored-digits {m} seed {seed}: train {out['final']['train']:.3f} "
-                f"test {out['final']['test']:.3f} ({out['seconds']:.1f} s)"
-            )
+    def line(run: tuple[int, str], out: dict[str, Any]) -> str:
+        return (
+            f"colored-digits {run[1]} seed {run[0]}: train {out['final']['train']:.3f} "
+            f"test {out['final']['test']:.3f} ({out['seconds']:.1f} s)"
+        )
 
-    outs = run_jobs(
+    by_run, workers, threads = run_many(
         _run_one,
-        [
-            (backend, setting, train, runs[i][1], runs[i][0], device, show_progress and workers == 1)
-            for i in order
-        ],
-        workers=workers,
-        backend=backend,
-        threads=threads,
-        on_done=done,
-    )
-    if hasattr(bar, "close"):
-        bar.close()
-    by_run = {runs[i]: out for i, out in zip(order, outs)}
+        runs,
+        lambda run, inner: (backend, setting, train, run[1], run[0], device, inner),
+        jobs=jobs, threads=threads, device=device, backend=backend, desc="colored-digits runs",
+        show_progress=show_progress, inner_progress=True, log=log, line=line,
+        # longest runs first (the per-environment combiners), so that workers finish together
+        first=lambda run: table_methods[run[1]]["combiner"][0] == "mean",
+    )  # fmt: skip
     per_method: dict[str, dict[str, Any]] = {}
     rows = []
     for m in methods:

@@ -41,8 +41,8 @@ import numpy as np
 from gradand.consistency import empirical_inconsistency
 from gradand.experiments import spirals
 from gradand.experiments._distribution import distribution, paired_difference
-from gradand.experiments._parallel import run_jobs, worker_plan
-from gradand.experiments._report import Check, Report, format_table, progress
+from gradand.experiments._parallel import run_many
+from gradand.experiments._report import Check, Report, format_table
 from gradand.experiments.training import Backend, get_backend
 
 __all__ = [
@@ -319,22 +319,16 @@ def run(
     if not seeds:
         raise ValueError("seeds must hold at least one seed; got none")
     runs = [(m, s) for s in seeds for m in methods]
-    workers, threads = worker_plan(len(runs), jobs, threads, device)
-    bar = progress(range(len(runs)), total=len(runs), desc="minima runs", enabled=show_progress)
-    ticks = iter(bar)
 
-    def done(k: int, out: dict[str, Any]) -> None:
-        next(ticks, None)
-        if log is not None:
-            m, s = runs[k]
-            log(f"minima {m} seed {s}: test {out['final']['test']:.3f} "
+    def line(run: tuple[str, int], out: dict[str, Any]) -> str:
+        return (f"minima {run[0]} seed {run[1]}: test {out['final']['test']:.3f} "
                 f"inconsistency {out['minimum']['inconsistency']:.4f} ({out['seconds']:.1f} s)")  # fmt: skip
 
-    outs = run_jobs(_run_one, [(backend, setting, train, m, s, device, probe) for m, s in runs],
-                    workers=workers, backend=backend, threads=threads, on_done=done)  # fmt: skip
-    if hasattr(bar, "close"):
-        bar.close()
-    by = {r: o for r, o in zip(runs, outs)}
+    by, workers, threads = run_many(
+        _run_one, runs, lambda run, inner: (backend, setting, train, run[0], run[1], device, probe),
+        jobs=jobs, threads=threads, device=device, backend=backend, desc="minima runs",
+        show_progress=show_progress, log=log, line=line,
+    )  # fmt: skip
     per_method: dict[str, dict[str, Any]] = {}
     rows = []
     for m in methods:

@@ -30,8 +30,7 @@ import numpy as np
 
 from gradand.experiments import TRAINING_MODULES
 from gradand.experiments._distribution import Distribution, distribution
-from gradand.experiments._parallel import run_jobs, worker_plan
-from gradand.experiments._report import progress
+from gradand.experiments._parallel import run_many
 from gradand.experiments.reference_spirals import (
     REFERENCE_INIT_SEED,
     REFERENCE_LOOP_METHODS,
@@ -706,38 +705,23 @@ def run(
         for m in methods
     }
     runs = [(seed, m) for seed in seeds for m in methods]
-    workers, threads = worker_plan(len(runs), jobs, threads, device)
-    # The per-environment methods first (the longest runs, and the results wanted first).
-    order = sorted(range(len(runs)), key=lambda i: table_methods[runs[i][1]]["combiner"][0] == "mean")
-    bar = progress(
-        range(len(runs)), total=len(runs), desc="spirals runs", enabled=show_progress and workers > 1
-    )
-    ticks = iter(bar)
 
-    def done(k: int, out: dict[str, Any]) -> None:
-        next(ticks, None)
-        seed, m = runs[order[k]]
-        if log is not None:
-            final = out["final"]
-            log(
-                f"spirals {m} seed {seed}: train {final['train']:.3f} test {final['test']:.3f} "
-                f"test without shortcuts {final['test_no_shortcuts']:.3f} ({out['seconds']:.1f} s)"
-            )
+    def line(run: tuple[int, str], out: dict[str, Any]) -> str:
+        final = out["final"]
+        return (
+            f"spirals {run[1]} seed {run[0]}: train {final['train']:.3f} test {final['test']:.3f} "
+            f"test without shortcuts {final['test_no_shortcuts']:.3f} ({out['seconds']:.1f} s)"
+        )
 
-    outs = run_jobs(
+    by_run, workers, threads = run_many(
         _run_one,
-        [
-            (backend, setting, train, runs[i][1], runs[i][0], device, show_progress and workers == 1, loop)
-            for i in order
-        ],
-        workers=workers,
-        backend=backend,
-        threads=threads,
-        on_done=done,
-    )
-    if hasattr(bar, "close"):
-        bar.close()
-    by_run = {runs[i]: out for i, out in zip(order, outs)}
+        runs,
+        lambda run, inner: (backend, setting, train, run[1], run[0], device, inner, loop),
+        jobs=jobs, threads=threads, device=device, backend=backend, desc="spirals runs",
+        show_progress=show_progress, inner_progress=True, log=log, line=line,
+        # the per-environment methods first (the longest runs, and the results wanted first)
+        first=lambda run: table_methods[run[1]]["combiner"][0] == "mean",
+    )  # fmt: skip
     for seed, m in runs:
         out, r = by_run[(seed, m)], per_method[m]
         for key in keys:

@@ -34,8 +34,8 @@ import numpy as np
 
 from gradand.experiments import spirals
 from gradand.experiments._distribution import Distribution, distribution
-from gradand.experiments._parallel import run_jobs, worker_plan
-from gradand.experiments._report import Check, Report, format_table, progress
+from gradand.experiments._parallel import run_many
+from gradand.experiments._report import Check, Report, format_table
 
 __all__ = ["AXES", "LOW_THRESHOLD", "METHODS", "PRESETS", "SweepGrid", "cells", "preset", "run"]
 
@@ -242,31 +242,21 @@ def run(
     if not grid_cells:
         raise ValueError("grid must hold at least one value on one axis; got none")
     runs = [(c, m, s) for c in range(len(grid_cells)) for m in methods for s in seeds]
-    order = sorted(range(len(runs)), key=lambda i: -grid_cells[runs[i][0]][2].n_envs)
-    workers, threads = worker_plan(len(runs), jobs, threads, device)
-    bar = progress(range(len(runs)), total=len(runs), desc="sweep runs", enabled=show_progress)
-    ticks = iter(bar)
 
-    def done(k: int, out: dict[str, Any]) -> None:
-        next(ticks, None)
-        c, m, s = runs[order[k]]
-        if log is not None:
-            axis, value, _ = grid_cells[c]
-            log(
-                f"sweep {axis}={value} {m} seed {s}: test {out['final']['test']:.3f} ({out['seconds']:.1f} s)"
-            )
+    def line(run: tuple[int, str, int], out: dict[str, Any]) -> str:
+        axis, value, _ = grid_cells[run[0]]
+        test, seconds = out["final"]["test"], out["seconds"]
+        return f"sweep {axis}={value} {run[1]} seed {run[2]}: test {test:.3f} ({seconds:.1f} s)"
 
-    jobs_args = []
-    for i in order:
-        c, m, s = runs[i]
-        name, method_train = _trained_by(m, train)
-        jobs_args.append((backend, grid_cells[c][2], method_train, name, s, device, False))
-    outs = run_jobs(
-        spirals._run_one, jobs_args, workers=workers, backend=backend, threads=threads, on_done=done
-    )
-    if hasattr(bar, "close"):
-        bar.close()
-    by_run = {runs[i]: out for i, out in zip(order, outs)}
+    def job(run: tuple[int, str, int], inner: bool) -> tuple[Any, ...]:
+        name, method_train = _trained_by(run[1], train)
+        return (backend, grid_cells[run[0]][2], method_train, name, run[2], device, False)
+
+    by_run, workers, threads = run_many(
+        spirals._run_one, runs, job, jobs=jobs, threads=threads, device=device, backend=backend,
+        desc="sweep runs", show_progress=show_progress, log=log, line=line,
+        first=lambda run: -grid_cells[run[0]][2].n_envs,  # the most environments first
+    )  # fmt: skip
     keys = ("train", "test", "test_no_shortcuts")
     results, table, rows = [], {}, []
     for c, (axis, value, setting) in enumerate(grid_cells):
