@@ -96,6 +96,34 @@ def check_float(x: Any, xp: Any, name: str) -> None:
         )
 
 
+class HookedNamespace:
+    """An array namespace plus a backend's hooks for the core (``gradand_*`` attributes).
+
+    A backend subclasses it with its hooks as attributes and passes the array-api-compat
+    namespace it extends; every other name is looked up there once and cached on the instance.
+
+    Example:
+        >>> import numpy as np
+        >>> import array_api_compat
+        >>> from gradand._namespace import HookedNamespace
+        >>> class Hooked(HookedNamespace):
+        ...     gradand_vote_signs = staticmethod(np.sign)
+        >>> xp = Hooked(array_api_compat.array_namespace(np.zeros(1)))
+        >>> xp.sum(xp.asarray([1.0, 2.0])), xp.gradand_vote_signs(-3.0)
+        (np.float64(3.0), np.float64(-1.0))
+    """
+
+    def __init__(self, base: Any) -> None:
+        self._base = base
+
+    def __getattr__(self, name: str) -> Any:  # first lookup of a name: cache it on the instance
+        if name == "_base":
+            raise AttributeError(name)
+        value = getattr(self._base, name)
+        setattr(self, name, value)
+        return value
+
+
 def accumulation_dtype(dtype: Any, xp: Any) -> Any:
     """float32 for 16-bit floats, otherwise ``dtype`` itself."""
     if xp.finfo(dtype).bits < 32:

@@ -433,7 +433,7 @@ class Fold:
                 raise ValueError("Fold: an environment's presence needs the expected number of environments")
             w = xp.astype(present, acc)
             g = g * w
-            self._count = self._count + xp.astype(present, xp.int32)
+            self._count = self._count + self._as_count(present)
         else:
             self._count = self._count + n
         if self._votes:

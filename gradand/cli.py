@@ -513,6 +513,20 @@ def _log(args: argparse.Namespace) -> Callable[[str], None] | None:
     return log
 
 
+def _run_options(args: argparse.Namespace, *, parallel: bool = True) -> dict[str, Any]:
+    """The options every experiment's ``run`` takes from the command line (device, progress, log,
+    and with ``parallel`` the worker plan: one process for ``--quick`` unless ``--jobs``)."""
+    options: dict[str, Any] = {
+        "device": args.device,
+        "show_progress": not args.no_progress,
+        "log": _log(args),
+    }
+    if parallel:
+        options["jobs"] = 1 if args.quick and args.jobs is None else args.jobs
+        options["threads"] = args.threads
+    return options
+
+
 # --------------------------------------------------------------------------- experiments
 
 
@@ -594,12 +608,8 @@ def _spirals(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -> 
             methods=methods,
             seeds=seeds,
             backend=backend,
-            device=args.device,
-            show_progress=not args.no_progress,
             preset_name=label,
-            log=_log(args),
-            jobs=1 if args.quick and args.jobs is None else args.jobs,
-            threads=args.threads,
+            **_run_options(args),
             loop=args.loop,
         )
 
@@ -664,10 +674,8 @@ def _memorization(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]
             labels=labels,
             seeds=seeds,
             backend=backend,
-            device=args.device,
-            show_progress=not args.no_progress,
             preset_name=name if not changes else f"{name} (modified)",
-            log=_log(args),
+            **_run_options(args, parallel=False),
         )
 
     stem = (
@@ -732,12 +740,8 @@ def _colored_digits(args: argparse.Namespace, backend: str, seeds: tuple[int, ..
             methods=methods,
             seeds=seeds,
             backend=backend,
-            device=args.device,
-            show_progress=not args.no_progress,
             preset_name=name if not custom else f"{name} (modified)",
-            log=_log(args),
-            jobs=1 if args.quick and args.jobs is None else args.jobs,
-            threads=args.threads,
+            **_run_options(args),
         )
 
     return "colored-digits" + ("-quick" if args.quick else ""), go
@@ -798,12 +802,8 @@ def _sweep(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -> Pr
             methods=methods,
             seeds=seeds,
             backend=backend,
-            device=args.device,
-            show_progress=not args.no_progress,
             preset_name=name if not custom else f"{name} (modified)",
-            log=_log(args),
-            jobs=1 if args.quick and args.jobs is None else args.jobs,
-            threads=args.threads,
+            **_run_options(args),
         )
 
     return "sweep" + ("-quick" if args.quick else ""), go
@@ -827,12 +827,8 @@ def _minima(args: argparse.Namespace, backend: str, seeds: tuple[int, ...]) -> P
             probe=probe,
             seeds=seeds,
             backend=backend,
-            device=args.device,
-            show_progress=not args.no_progress,
             preset_name=name if not changes else f"{name} (modified)",
-            log=_log(args),
-            jobs=1 if args.quick and args.jobs is None else args.jobs,
-            threads=args.threads,
+            **_run_options(args),
         )
 
     return "minima" + ("-quick" if args.quick else ""), go

@@ -20,6 +20,7 @@ from jax.experimental import checkify
 
 import gradand
 from gradand import Combiner, Statistics
+from gradand._namespace import HookedNamespace
 from gradand._stats import Fold
 from gradand.backends.jax._all_reduce import AxisName, PyTree, all_reduce_statistics
 
@@ -93,7 +94,7 @@ def _unrolled(g: jax.Array) -> bool:
     )
 
 
-class _JaxNamespace:
+class _JaxNamespace(HookedNamespace):
     """array-api-compat's JAX namespace, plus the core's hook for unrolled sums over environments.
 
     ``gradand_unroll_environments(n)``: under ``jit`` on CPU with at most
@@ -106,16 +107,9 @@ class _JaxNamespace:
     def gradand_unroll_environments(n: int) -> bool:
         return 1 <= n <= _UNROLL_ENVIRONMENTS and jax.default_backend() == "cpu"
 
-    def __getattr__(self, name: str) -> Any:  # first lookup of a name: cache it on the instance
-        value = getattr(_COMPAT, name)
-        setattr(self, name, value)
-        return value
-
-
-_COMPAT = array_api_compat.array_namespace(jnp.zeros(()))
 
 #: The namespace the JAX backend hands the core.
-XP: Any = _JaxNamespace()
+XP: Any = _JaxNamespace(array_api_compat.array_namespace(jnp.zeros(())))
 
 
 def _leaf_statistics(g: jax.Array, combiner: Combiner, nan_policy: str, name: str) -> Statistics:

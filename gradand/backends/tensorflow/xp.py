@@ -11,7 +11,8 @@ with no combiner math written here.
 
 ``gradand_check_finite`` is the hook the core calls for ``nan_policy="raise"``:
 eagerly it raises ``ValueError`` like the core does for other arrays; inside a
-``tf.function`` graph it inserts ``tf.debugging.check_numerics``, which raises
+``tf.function`` graph it inserts ``tf.debugging.check_numerics`` (behind a ``tf.cond`` on the
+tensor's sum for large tensors, as ``check_numerics`` is slow on CPU), which raises
 ``tf.errors.InvalidArgumentError`` naming the tensor when the step runs. XLA
 (``jit_compile=True``) compiles ``check_numerics`` to nothing, so there the
 check is skipped, as under ``jax.jit``.

@@ -10,7 +10,7 @@ import array_api_compat
 import torch
 
 import gradand
-from gradand._namespace import check_nan_policy
+from gradand._namespace import HookedNamespace, check_nan_policy
 
 #: The core's array namespace for torch tensors, passed as ``xp=`` so that the
 #: core does not look it up per call (cheaper, and nothing for ``torch.compile``
@@ -18,7 +18,7 @@ from gradand._namespace import check_nan_policy
 _COMPAT: Any = array_api_compat.array_namespace(torch.empty(0))
 
 
-class _TorchNamespace:
+class _TorchNamespace(HookedNamespace):
     """array-api-compat's torch namespace, plus the core's hook for sign votes.
 
     ``gradand_vote_signs`` is ``torch.sign``: one pass, and it maps NaN to 0 (no vote), which is
@@ -27,13 +27,8 @@ class _TorchNamespace:
 
     gradand_vote_signs = staticmethod(torch.sign)
 
-    def __getattr__(self, name: str) -> Any:  # first lookup of a name: cache it on the instance
-        value = getattr(_COMPAT, name)
-        setattr(self, name, value)
-        return value
 
-
-XP: Any = _TorchNamespace()
+XP: Any = _TorchNamespace(_COMPAT)
 
 
 def check_combiner(combiner: Any) -> None:
