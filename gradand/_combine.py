@@ -237,7 +237,7 @@ def finalize_many(
     kind = type(first)
     for i, s in enumerate(stats):  # every tensor's arrays from one library (a type check first)
         arrays = s.arrays().values()
-        if any(type(a) is not kind for a in arrays) and not hasattr(xp, "gradand_check_finite"):
+        if any(type(a) is not kind for a in arrays) and getattr(xp, "gradand_check_finite", None) is None:
             array_namespace(first, *arrays, name=f"stats[0] and stats[{i}]")
     if not _fusable(stats, combiner, xp):
         out = [finalize(s, combiner, return_info=True, xp=xp) for s in stats]

@@ -24,10 +24,11 @@ from gradand._namespace import (
     accumulation_dtype,
     apply_nan_policy,
     array_namespace,
+    check_float,
     check_nan_policy,
 )
 from gradand._outer import OUTER_STATISTICS, outer_statistics
-from gradand._stats import Fold, Statistics, statistics
+from gradand._stats import Fold, Statistics, _dense_statistics
 
 __all__ = ["LayerFactors", "layer_statistics"]
 
@@ -47,10 +48,18 @@ class LayerFactors(NamedTuple):
             layer's bias.
         deltas: ``(E, rows, out)``, the gradient of each environment's own
             loss at the layer's output, on the same rows.
+        gradient: for a layer whose weight gradient is not ``Δᵀ X`` (a
+            convolution given its raw inputs), the framework's own
+            weight-gradient op: ``gradient(inputs[sl], deltas[sl])`` returns
+            the per-environment gradients ``(e, *shape)`` of a chunk of
+            environments. ``inputs`` and ``deltas`` then only need the
+            environments on axis 0 (e.g. ``(E, n, C, H, W)`` and
+            ``(E, n, O, H', W')``); it must be linear in ``deltas``.
     """
 
     inputs: Any
     deltas: Any
+    gradient: Any = None
 
 
 def _check_factors(factors: Sequence[LayerFactors], name: str) -> int:
@@ -60,13 +69,21 @@ def _check_factors(factors: Sequence[LayerFactors], name: str) -> int:
     for i, f in enumerate(factors):
         if not isinstance(f, LayerFactors):
             raise TypeError(f"{name}: factors[{i}] must be gradand.LayerFactors; got {type(f).__name__}")
-        d = f.deltas
-        if len(d.shape) != 3:
+        d, x = f.deltas, f.inputs
+        if f.gradient is not None:  # the framework's op: only the environments must line up
+            if not callable(f.gradient):
+                raise TypeError(f"{name}: factors[{i}].gradient must be callable; got {f.gradient!r}")
+            if x is None or len(d.shape) < 2 or len(x.shape) < 2 or x.shape[0] != d.shape[0]:
+                raise ValueError(
+                    f"{name}: factors[{i}] with a gradient op needs inputs and deltas with the "
+                    f"environments on axis 0; got shapes "
+                    f"{None if x is None else tuple(x.shape)} and {tuple(d.shape)}"
+                )
+        elif len(d.shape) != 3:
             raise ValueError(
                 f"{name}: factors[{i}].deltas must be (E, rows, out); got shape {tuple(d.shape)}"
             )
-        x = f.inputs
-        if x is not None and (len(x.shape) != 3 or tuple(x.shape[:2]) != tuple(d.shape[:2])):
+        elif x is not None and (len(x.shape) != 3 or tuple(x.shape[:2]) != tuple(d.shape[:2])):
             raise ValueError(
                 f"{name}: factors[{i}].inputs must be (E, rows, in) with the deltas' (E, rows) = "
                 f"{tuple(d.shape[:2])}; got shape {tuple(x.shape)}"
@@ -97,13 +114,15 @@ def _gradients(
         if seed is not None:
             d = d * seed
         if f.inputs is None:  # a bias: the sum of the output gradients over the rows
-            gi = xp.sum(d, axis=1)
+            gi = d[:, 0, ...] if d.shape[1] == 1 else xp.sum(d, axis=1)
         else:
             x = f.inputs[sl, ...]
             if x.dtype != d.dtype:  # e.g. bfloat16 inputs recorded under autocast, float32 deltas
                 common = xp.result_type(x.dtype, d.dtype)
                 x, d = xp.astype(x, common), xp.astype(d, common)
-            if layout == "in_out":
+            if f.gradient is not None:  # the framework's weight-gradient op (a convolution)
+                gi = f.gradient(x, d)
+            elif layout == "in_out":
                 gi = xp.matrix_transpose(x) @ d
             elif x.shape[-1] < d.shape[-1]:  # narrow inputs: the (in, out) product is faster on CPUs
                 gi = xp.matrix_transpose(xp.matrix_transpose(x) @ d)
@@ -176,6 +195,10 @@ def layer_statistics(
     envs = _check_factors(factors, name)
     arrays = [a for f in factors for a in (f.inputs, f.deltas) if a is not None]
     xp = array_namespace(*arrays, xp=xp, name=f"{name}: the factors")
+    for i, f in enumerate(factors):
+        check_float(f.deltas, xp, f"{name}: factors[{i}].deltas")
+        if f.inputs is not None:
+            check_float(f.inputs, xp, f"{name}: factors[{i}].inputs")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -206,6 +229,7 @@ def _statistics(
     outer = (
         len(factors) == 1
         and first.inputs is not None
+        and first.gradient is None
         and first.deltas.shape[1] == 1
         and set(combiner.statistics) <= OUTER_STATISTICS
     )
@@ -214,7 +238,8 @@ def _statistics(
         chunk_size = envs if outer else max(1, CHUNK_BYTES // max(per_env, 1))
     # a namespace may ask for sums over environments unrolled (XLA on CPU reduces over a leading
     # axis several times slower than it fuses a sum of per-environment terms)
-    unroll = not outer and bool(getattr(xp, "gradand_unroll_environments", lambda n: False)(envs))
+    hook = getattr(xp, "gradand_unroll_environments", None)
+    unroll = not outer and hook is not None and bool(hook(envs))
     out = Statistics()
     fold = seed = None
     if not outer and (unroll or chunk_size < envs):  # chunks folded as they come: sums, no merges
@@ -245,7 +270,7 @@ def _statistics(
                 g = xp.astype(g, accumulation_dtype(g.dtype, xp)) / scale
             g = xp.reshape(g, (g.shape[0], *shape))
             if fold is None:  # one chunk: the dense statistics
-                out = statistics(g, combiner, axis=0, nan_policy=policy, xp=xp, _checked_later=later)
+                out = _dense_statistics(g, combiner, 0, g.shape[0], policy, xp, later)
             elif unroll or g.shape[0] == 1:  # one environment at a time: sums the compiler fuses
                 for e in range(g.shape[0]):
                     fold.add(g[e, ...], seeded=seed is not None)

@@ -113,6 +113,14 @@ class HookedNamespace:
         (np.float64(3.0), np.float64(-1.0))
     """
 
+    # The core's optional hooks, absent (None) unless a subclass supplies them: found on the class,
+    # so that the core's lookups of a hook a backend lacks do not fall through to ``__getattr__``.
+    gradand_vote_signs: Any = None
+    gradand_check_finite: Any = None
+    gradand_check_is_exhaustive: bool = False
+    gradand_dense_mean: Any = None
+    gradand_unroll_environments: Any = None
+
     def __init__(self, base: Any) -> None:
         self._base = base
 

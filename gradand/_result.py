@@ -89,15 +89,16 @@ def summarize(infos: Sequence[MaskInfo | None], sizes: Sequence[int], *, xp: Any
     dt = first.dtype if wide else xp.float32
     sizes_ = [float(n) for _, n in pairs]
     total = float(sum(sizes_))
-    fields = []
-    for k in range(2):
-        values = [info[k] if info[k].dtype == dt else xp.astype(info[k], dt) for info, _ in pairs]
-        if len(values) > 1 and hasattr(xp, "stack"):  # a few ops, whatever the number of tensors
-            w = xp.asarray(sizes_, dtype=dt, device=_device(values[0]))
-            fields.append(xp.sum(xp.stack(values) * w) / total)  # all ones give exactly 1
-        else:
+    values = [v if v.dtype == dt else xp.astype(v, dt) for info, _ in pairs for v in info]
+    if len(pairs) > 1 and hasattr(xp, "stack"):  # a few ops, whatever the number of tensors
+        w = xp.asarray(sizes_, dtype=dt, device=_device(values[0]))
+        both = xp.sum(xp.reshape(xp.stack(values), (len(pairs), 2)) * w[:, None], axis=0) / total
+        fields = [both[0], both[1]]  # all ones give exactly 1
+    else:
+        fields = []
+        for k in range(2):
             acc = None
-            for v, n in zip(values, sizes_):
+            for v, n in zip(values[k::2], sizes_):
                 acc = v * n if acc is None else acc + v * n
             fields.append(acc / total)
     return MaskInfo(*fields)

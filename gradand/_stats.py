@@ -68,6 +68,8 @@ def _check_count(count: Any, empty: bool) -> Any:
     Arrays (a count after an all-reduce, a tracer under ``jit``) and the
     placeholders that pytree utilities pass through are kept as they are.
     """
+    if type(count) is int and 0 < count <= MAX_COUNT and not empty:  # the common case, first
+        return count
     if isinstance(count, bool):
         raise TypeError(f"count must be the number of environments (an int); got {count!r}")
     if isinstance(count, numbers.Integral):
@@ -136,9 +138,11 @@ class Statistics:
 
     def __post_init__(self) -> None:
         # cached once: merging in a streaming loop reads these for every environment and tensor
-        fields = tuple(n for n in STATISTIC_NAMES if getattr(self, n) is not None)
+        present = (self.mean, self.sign_sum, self.log_abs_mean, self.m2)  # STATISTIC_NAMES order
+        fields = tuple(n for n, v in zip(STATISTIC_NAMES, present) if v is not None)
         object.__setattr__(self, "_fields", fields)
-        object.__setattr__(self, "_shape", tuple(getattr(self, fields[0]).shape) if fields else None)
+        first = next((v for v in present if v is not None), None)
+        object.__setattr__(self, "_shape", None if first is None else tuple(first.shape))
         object.__setattr__(self, "count", _check_count(self.count, not fields))
 
     @property
@@ -674,7 +678,6 @@ def statistics(
     check_nan_policy(nan_policy)
     xp = array_namespace(grads, xp=xp)
     check_float(grads, xp, "grads")
-    acc = accumulation_dtype(grads.dtype, xp)
     if axis is None:
         count = 1
     else:
@@ -686,9 +689,17 @@ def statistics(
             )
         if count > MAX_COUNT:
             raise ValueError(f"grads has {count} environments along axis {axis}; at most {MAX_COUNT}")
+    return _dense_statistics(grads, combiner, axis, count, nan_policy, xp, _checked_later)
+
+
+def _dense_statistics(
+    grads: Any, combiner: Combiner, axis: int | None, count: int, nan_policy: str, xp: Any, later: bool
+) -> Statistics:
+    """:func:`statistics` of validated arguments (``axis`` normalised, ``count`` its length)."""
+    acc = accumulation_dtype(grads.dtype, xp)
     g = grads if grads.dtype == acc else xp.astype(grads, acc)
     g, finite = apply_nan_policy(g, xp, nan_policy, "grads", report=True)
-    finite = finite or _checked_later  # a caller that raises on a non-finite mean afterwards
+    finite = finite or later  # a caller that raises on a non-finite mean afterwards
 
     needed = combiner.statistics
     eps = getattr(combiner, "eps", None) if "log_abs_mean" in needed else None
@@ -698,7 +709,7 @@ def statistics(
         if axis is None:
             mean = g
         else:
-            mean = _dense_mean(g, axis, count, xp, inspect=nan_policy == "raise" or _checked_later)
+            mean = _dense_mean(g, axis, count, xp, inspect=nan_policy == "raise" or later)
         if "mean" in needed:
             values["mean"] = mean
     if "sign_sum" in needed:

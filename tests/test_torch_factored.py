@@ -142,9 +142,10 @@ def cnn(groups: int = 1) -> nn.Module:
 
 
 @pytest.mark.parametrize("combiner", [gradand.AndMask(threshold=0.7), gradand.SandMask(0.3, k=2.0)], ids=repr)
-@pytest.mark.parametrize("n", [1, 3])
-def test_conv2d_im2col_matches_oracle(combiner, n):
-    model = cnn()
+@pytest.mark.parametrize("n", [1, 3, 5])  # 1, 3: environments as groups of one convolution; 5: one per env
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv2d_matches_oracle(combiner, n, groups):
+    model = cnn(groups)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, n, 2, 8, 9, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (4, n), generator=g)
@@ -154,15 +155,37 @@ def test_conv2d_im2col_matches_oracle(combiner, n):
     assert_close(grads_of(m), want)
 
 
-def test_grouped_conv_falls_back_and_still_matches_oracle():
-    model = cnn(groups=2)
-    x, y = torch.randn(3, 2, 2, 8, 9, dtype=torch.float64), torch.randint(0, 3, (3, 2))
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_match_oracle(dims, n):
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        conv(2, 4, 3, padding=1, stride=2), nn.Tanh(), conv(4, 4, 2, groups=2, dilation=2),
+        nn.Flatten(), nn.LazyLinear(3),
+    ).double()  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, n, 2, *[7] * dims, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, n), generator=g)
     model(x[0])
     c = gradand.AndMask(threshold=0.6)
-    with pytest.raises(ValueError, match=r"2\.weight"):
-        gt.model_backward(clone(model), F.cross_entropy, x, y, c, fallback="error", method="factored")
-    gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, method="factored")
+    gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, fallback="error", method="factored")
     assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))
+
+
+def test_conv_with_env_ids_of_different_sizes_matches_the_grouped_batch():
+    """Environments of 1, 5 and 2 examples (padded to 5): both conv gradient strategies in one batch."""
+    model = cnn(groups=2)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 2, 8, 9, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    env = torch.tensor([1, 0, 1, 2, 1, 1, 2, 1])
+    model(x)
+    c = gradand.AndMask(threshold=0.6)
+    gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, env_ids=env, fallback="error")
+    ref = clone(model)
+    losses = [F.cross_entropy(ref(x[env == e]), y[env == e]) for e in range(3)]
+    gt.backward(losses, list(ref.parameters()), c)
+    assert_close(grads_of(m), grads_of(ref))
 
 
 class Mixed(nn.Module):
