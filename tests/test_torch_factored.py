@@ -232,13 +232,79 @@ def test_fallback_error_lists_the_parameters_outside_supported_layers():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_batch_norm_in_train_mode_raises_and_eval_mode_matches_oracle():
+def bn_net(momentum: float | None = 0.1, track: bool = True) -> nn.Module:
     torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6), nn.Linear(6, 3),
+    ).double()  # fmt: skip
+
+
+def streamed(model, xs, ys, combiner):
+    """The reference: one forward pass per environment (BatchNorm statistics per environment)."""
+    ref = clone(model)
+    gt.backward([F.cross_entropy(ref(x), y) for x, y in zip(xs, ys)], list(ref.parameters()), combiner)
+    return ref
+
+
+def assert_same_state(got: nn.Module, want: nn.Module) -> None:
+    assert_close(grads_of(got), grads_of(want))
+    for (name, a), b in zip(got.named_buffers(), want.buffers()):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@pytest.mark.parametrize("combiner", [gradand.AndMask(threshold=0.6), gradand.SandMask(0.3, k=2.0)], ids=repr)
+@pytest.mark.parametrize(("momentum", "track"), [(0.1, True), (None, True), (0.1, False)])
+def test_batch_norm_in_train_mode_has_per_environment_statistics(combiner, momentum, track):
+    """Gradients and running statistics as from one forward pass per environment (in order)."""
+    model = bn_net(momentum, track)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 5, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 5), generator=g)
+    r = gt.model_backward(m := clone(model), F.cross_entropy, x, y, combiner, fallback="error")
+    assert_same_state(m, streamed(model, x, y, combiner))
+    ref = torch.stack([F.cross_entropy(clone(model)(x[e]), y[e]) for e in range(3)])
+    np.testing.assert_allclose(r.losses.numpy(), ref.detach().numpy(), rtol=1e-12)
+
+
+def test_batch_norm_with_env_ids_of_different_sizes():
+    model = bn_net()
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(9, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    env = torch.tensor([2, 0, 1, 2, 0, 0, 2, 1, 2])
+    c = gradand.AndMask(threshold=0.6)
+    gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, env_ids=env, fallback="error")
+    assert_same_state(m, streamed(model, [x[env == e] for e in range(3)], [y[env == e] for e in range(3)], c))
+
+
+def test_batch_norm_in_eval_mode_is_factored_and_matches_oracle():
+    model = bn_net().eval()
+    x, y = torch.randn(4, 3, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4, 3))
+    c = gradand.AndMask(threshold=0.7)
+    gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, fallback="error")
+    assert_same_state(m, streamed(model, x, y, c))
+
+
+def test_batch_norm_needs_more_than_one_value_per_channel_per_environment():
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
-    x, y = data(4, 5)
-    with pytest.raises(ValueError, match="BatchNorm1d"):
+    x, y = data(4, 1)
+    with pytest.raises(ValueError, match="BatchNorm1d: an environment has 1 value per channel"):
         gt.model_backward(model, F.cross_entropy, x, y, gradand.AndMask(), method="factored")
-    model.eval()
+    with pytest.raises(ValueError, match="BatchNorm1d '1' in train mode"):
+        gt.model_backward(model, F.cross_entropy, x, y, gradand.AndMask(), method="vectorized")
+
+
+def test_other_batch_norms_in_train_mode_are_refused():
+    class MyNorm(nn.BatchNorm1d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Linear(5, 6), MyNorm(6), nn.Linear(6, 3)).double()
+    x, y = data(3, 4)
+    with pytest.raises(ValueError, match=r"MyNorm '1' in train mode.*factored path cannot"):
+        gt.model_backward(model, F.cross_entropy, x, y, gradand.AndMask(), method="factored")
+    model.eval()  # running statistics: no interaction between examples; MyNorm's parameters fall back
     c = gradand.AndMask(threshold=0.7)
     gt.model_backward(m := clone(model), F.cross_entropy, x, y, c, method="factored")
     assert_close(grads_of(m), oracle(model, F.cross_entropy, x, y, c))

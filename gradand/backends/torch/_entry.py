@@ -137,10 +137,11 @@ def model_backward(
     ``all_reduce``, then :func:`finalize_gradients`:
 
     - ``"factored"`` (default, :func:`factored_statistics`): one forward and
-      one backward pass over every example; ``nn.Linear``/``nn.Conv2d``
-      parameters from the core's factored engine, the others by a batched
-      backward pass (``fallback="vectorized"``) or refused (``"error"``).
-      Close to the cost of an ordinary step.
+      one backward pass over every example; ``nn.Linear``, ``nn.Conv1d/2d/3d``
+      and ``nn.BatchNorm1d/2d/3d`` parameters from the core's factored
+      engine (BatchNorm with per-environment batch statistics in train mode),
+      the others by a batched backward pass (``fallback="vectorized"``) or
+      refused (``"error"``). Close to the cost of an ordinary step.
     - ``"vectorized"`` (:func:`vectorized_statistics`): ``torch.func.vmap``
       over environments, any model without train-mode BatchNorm.
     - ``"streaming"`` (:func:`streaming_statistics`): one forward and

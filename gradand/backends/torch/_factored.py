@@ -15,6 +15,7 @@ module only finds the layers and records ``X`` and ``Δ``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from torch.func import vmap
 
 import gradand
+from gradand.backends.torch._batchnorm import per_environment_batch_norm, plain_batch_norms
 from gradand.backends.torch._common import (
     XP,
     check_chunk_size,
@@ -34,7 +36,7 @@ from gradand.backends.torch._common import (
     unscale,
     with_context,
 )
-from gradand.backends.torch._vectorized import _chunks, check_batch_norm, environment_batches
+from gradand.backends.torch._vectorized import _chunks, environment_batches
 
 __all__ = ["FACTORED_LAYERS", "factored_statistics"]
 
@@ -45,12 +47,16 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 #: base ``forward``). Every other parameter falls back (``fallback=``).
 FACTORED_LAYERS: tuple[type[torch.nn.Module], ...] = (
     torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
 )  # fmt: skip
 
 _CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_BN = torch.nn.modules.batchnorm._BatchNorm
 
 
 def _supported(m: torch.nn.Module) -> bool:
+    if isinstance(m, _BN):
+        return type(m).forward is _BN.forward and not isinstance(m, torch.nn.SyncBatchNorm)
     if isinstance(m, torch.nn.Linear):
         return type(m).forward is torch.nn.Linear.forward
     for conv in _CONVS:
@@ -71,20 +77,32 @@ def _spatial_dims(m: torch.nn.Module) -> int:
 class _Call:
     """One call of a supported layer: its input (detached) and output (in the graph).
 
-    ``x_node`` is the autograd node of the input (None when it needs no
-    gradient): the graph outside the call continues there.
+    ``x_node`` is the autograd node of the layer's input (None when it needs no
+    gradient): the graph outside the call continues there. ``y_node`` is the
+    node of the layer's final output, where a walk over the graph steps over the
+    call. A BatchNorm call records ``x̂`` as ``x`` and ``t = x̂ ⊙ γ`` as ``y``
+    (see ``_batchnorm``); its ``source`` is the layer's input and ``out`` its output.
     """
 
-    __slots__ = ("module", "x", "x_node", "x_version", "y", "y_version")
+    __slots__ = ("module", "x", "x_node", "x_version", "y", "y_node", "y_version")
 
-    def __init__(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        source: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> None:
         self.module, self.x, self.y = module, x.detach(), y
         self.x_version, self.y_version = x._version, y._version
+        src = x if source is None else source
         self.x_node = (
-            x.grad_fn
-            if x.grad_fn is not None or not x.requires_grad
-            else torch.autograd.graph.get_gradient_edge(x).node
+            src.grad_fn
+            if src.grad_fn is not None or not src.requires_grad
+            else torch.autograd.graph.get_gradient_edge(src).node
         )
+        self.y_node = (y if out is None else out).grad_fn
 
     def modified(self) -> bool:
         return self.x._version != self.x_version or self.y._version != self.y_version
@@ -137,6 +155,12 @@ def _conv_gradient(m: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor],
     return gradient
 
 
+def _scale_gradient(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-environment gradients of a per-channel scale: ``(e, n, C, *S), (e, n, C, *S) -> (e, C)``."""
+    prod = x * d
+    return prod.sum(dim=(1, *range(3, prod.ndim)))
+
+
 def _layer_factors(call: _Call, delta: torch.Tensor, n_env: int, pad: torch.Tensor | None, kind: str) -> Any:
     """The core's :class:`gradand.LayerFactors` of one call: ``X`` and ``Δ`` (and a conv's gradient op)."""
     m = call.module
@@ -146,10 +170,12 @@ def _layer_factors(call: _Call, delta: torch.Tensor, n_env: int, pad: torch.Tens
         inputs = None if kind == "bias" else _per_env(x, n_env, pad).flatten(1, 2)
         return gradand.LayerFactors(inputs, _per_env(d, n_env, pad).flatten(1, 2))
     if kind == "bias":  # Σ over examples and positions of δ: rows = examples x positions
-        d = delta.reshape(delta.shape[0], m.out_channels, -1).transpose(1, 2)
+        d = delta.reshape(delta.shape[0], delta.shape[1], -1).transpose(1, 2)
         return gradand.LayerFactors(None, _per_env(d, n_env, pad).flatten(1, 2))
-    # a convolution's weight: the raw inputs per environment and PyTorch's weight-gradient op
-    return gradand.LayerFactors(_per_env(call.x, n_env, pad), _per_env(delta, n_env, pad), _conv_gradient(m))
+    # γ: Σ over examples and positions of δ ⊙ x̂ per channel; a convolution's weight: the raw
+    # inputs per environment and PyTorch's weight-gradient op
+    gradient = _scale_gradient if isinstance(m, _BN) else _conv_gradient(m)
+    return gradand.LayerFactors(_per_env(call.x, n_env, pad), _per_env(delta, n_env, pad), gradient)
 
 
 def _padding(groups: list[Any], n_env: int, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -194,8 +220,12 @@ def factored_statistics(
        patches; with ``env_ids``, each environment padded to the largest with
        zero examples) handed to :func:`gradand.layer_statistics`.
 
-    Requirements: examples must not interact in the forward pass (BatchNorm
-    in train mode raises ``ValueError``). Parameters of a supported layer
+    ``nn.BatchNorm1d/2d/3d`` layers normalise each environment with its own
+    batch statistics in train mode, as one forward pass per environment would
+    (their running statistics updated once per environment, in order; see
+    ``_batchnorm``), and their ``γ``, ``β`` are factored too. Other examples
+    must not interact in the forward pass (another BatchNorm type in train
+    mode, e.g. ``SyncBatchNorm``, raises ``ValueError``). Parameters of a supported layer
     that is never called, called on inputs that are not batch-first, shared
     with an unsupported module, or also used outside the layer's calls (tied
     weights read directly, ``F.linear(x, self.lin.weight.t())``, a loss term;
@@ -246,7 +276,8 @@ def factored_statistics(
         raise ValueError(f"fallback must be 'vectorized' or 'error'; got {fallback!r}")
     check_chunk_size(chunk_size)
     n_env, groups = environment_batches(inputs, targets, env_ids, num_envs)
-    check_batch_norm(model)
+    norms = plain_batch_norms(model)
+    _check_other_batch_norms(model, norms)
     named = trainable(model)
     names = {id(p): n for n, p in named}
 
@@ -256,7 +287,7 @@ def factored_statistics(
         for p in m.parameters(recurse=False):
             if p.requires_grad:
                 owners.setdefault(id(p), []).append(m)
-    hooked = {id(m): m for ms in owners.values() for m in ms if _supported(m)}
+    hooked = {id(m): m for ms in owners.values() for m in ms if _supported(m) and not isinstance(m, _BN)}
 
     flat = inputs if env_ids is not None else inputs.reshape(-1, *inputs.shape[2:])
     batch = flat.shape[0]
@@ -282,9 +313,20 @@ def factored_statistics(
     scale = loss_scale_of(loss_scale)
     policy = "propagate" if scale is not None and nan_policy == "raise" else nan_policy
 
+    def record(m: torch.nn.Module, xhat: torch.Tensor, t: torch.Tensor, x: Any, y: torch.Tensor) -> None:
+        if t.requires_grad:
+            calls.append(_Call(m, xhat, t, source=x, out=y))
+        else:
+            bad.add(id(m))
+
+    if env_ids is None:
+        env = torch.arange(n_env, device=flat.device).repeat_interleave(inputs.shape[1])
+    else:
+        env = env_ids.to(flat.device).long()
     handles = [m.register_forward_hook(hook) for m in hooked.values()]
     try:
-        out = model(flat)
+        with per_environment_batch_norm(norms, env, n_env, record) if norms else contextlib.nullcontext():
+            out = model(flat)
     finally:
         for h in handles:
             h.remove()
@@ -371,6 +413,19 @@ def factored_statistics(
     return losses.detach(), [stats[id(p)] for _, p in named]
 
 
+def _check_other_batch_norms(model: torch.nn.Module, plain: list[torch.nn.Module]) -> None:
+    """BatchNorm layers in train mode that the factored path cannot split per environment."""
+    known = {id(m) for m in plain}
+    for name, m in model.named_modules():
+        if isinstance(m, _BN) and m.training and id(m) not in known:
+            raise ValueError(
+                f"model contains {type(m).__name__} {name or '(the model itself)'!r} in train mode, "
+                f"whose batch statistics the factored path cannot compute per environment (only "
+                f"nn.BatchNorm1d/2d/3d with their own forward). Use eval mode for it, or "
+                f"gradand.backends.torch.backward with one forward pass per environment"
+            )
+
+
 def _refuse(rest: list[torch.Tensor], shared: set[int], names: dict[int, str]) -> None:
     """``fallback="error"``: the ``ValueError`` listing the parameters that cannot be factored."""
     outside = [f"{names[id(p)]} {tuple(p.shape)}" for p in rest if id(p) not in shared]
@@ -408,7 +463,7 @@ def _used_outside_calls(losses: torch.Tensor, params: list[torch.Tensor], calls:
     if not params or losses.grad_fn is None:
         return found
     targets = {id(p) for p in params}
-    steps = {c.y.grad_fn: c.x_node for c in calls if c.y.grad_fn is not None}
+    steps = {c.y_node: c.x_node for c in calls if c.y_node is not None}
     seen = {None}
     stack = [losses.grad_fn]
     pop, push = stack.pop, stack.append

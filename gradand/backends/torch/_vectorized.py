@@ -38,8 +38,9 @@ def check_batch_norm(model: torch.nn.Module) -> None:
                 f"(ill-defined for one example per environment) and cannot update its running "
                 f"statistics in place. Use model.eval() for these layers (running statistics, "
                 f"e.g. `for m in model.modules(): m.eval() if isinstance(m, nn.BatchNorm2d) else None`), "
-                f"replace them by GroupNorm/LayerNorm, or use gradand.backends.torch.backward "
-                f"with one forward pass per environment (batch statistics per environment)"
+                f"replace them by GroupNorm/LayerNorm, or use method='factored' (nn.BatchNorm1d/2d/3d "
+                f"with batch statistics per environment in one forward pass) or "
+                f"gradand.backends.torch.backward (one forward pass per environment)"
             )
 
 
