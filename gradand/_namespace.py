@@ -120,6 +120,7 @@ class HookedNamespace:
     gradand_check_is_exhaustive: bool = False
     gradand_dense_mean: Any = None
     gradand_unroll_environments: Any = None
+    gradand_sign_product: Any = None
 
     def __init__(self, base: Any) -> None:
         self._base = base

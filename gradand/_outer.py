@@ -112,9 +112,13 @@ def outer_statistics(
         # a NaN casts no vote, only for its own example, as in the dense path; the float
         # product of ±1/0 votes is exact below 2**24 examples
         known = _checked_later  # a caller that raises on a non-finite mean afterwards
-        a_ok, b_ok = (x_finite, d_finite) if _in_out else (d_finite, x_finite)
-        votes = vote_signs(a, xp, finite=a_ok or known) @ vote_signs(b, xp, finite=b_ok or known)
-        values["sign_sum"] = xp.astype(votes, xp.int32)
+        hook = getattr(xp, "gradand_sign_product", None)
+        if hook is not None:  # a namespace's exact integer product (PyTorch on CPU: int8 GEMM)
+            values["sign_sum"] = hook(a, b)
+        else:
+            a_ok, b_ok = (x_finite, d_finite) if _in_out else (d_finite, x_finite)
+            votes = vote_signs(a, xp, finite=a_ok or known) @ vote_signs(b, xp, finite=b_ok or known)
+            values["sign_sum"] = xp.astype(votes, xp.int32)
     if "m2" in needed:
         m2 = (a * a) @ (b * b) - n * (mean * mean)
         values["m2"] = xp.where(m2 > 0, m2, xp.zeros_like(m2))

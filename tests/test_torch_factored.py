@@ -432,3 +432,21 @@ def test_on_cuda_equals_the_cpu_result(n):
     assert loss.device.type == "cuda" and infos[0].agreement.device.type == "cuda"
     for p, q in zip(cpu.parameters(), gpu.parameters()):
         np.testing.assert_allclose(q.grad.cpu().numpy(), p.grad.numpy(), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("in_out", [False, True])
+def test_outer_sign_votes_through_the_integer_product_equal_the_numpy_core(in_out):
+    """torch's ``gradand_sign_product`` (int8 GEMM on CPU): the same exact votes, a zero or NaN casts none."""
+    from gradand._outer import outer_statistics
+    from gradand.backends.torch._common import XP
+
+    g = np.random.default_rng(0)
+    x, d = g.standard_normal((37, 9)), g.standard_normal((37, 5))
+    x[g.random(x.shape) < 0.2] = 0.0
+    d[3, 1], x[5, 2] = np.nan, np.nan
+    c = gradand.AndMask(threshold=0.5)
+    xt, dt = torch.from_numpy(x), torch.from_numpy(d)
+    got = outer_statistics(xt, dt, c, nan_policy="propagate", xp=XP, _in_out=in_out)
+    want = outer_statistics(x, d, c, nan_policy="propagate", _in_out=in_out)
+    assert got.sign_sum.dtype == torch.int32
+    np.testing.assert_array_equal(got.sign_sum.numpy(), want.sign_sum)
