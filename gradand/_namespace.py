@@ -121,6 +121,8 @@ class HookedNamespace:
     gradand_dense_mean: Any = None
     gradand_unroll_environments: Any = None
     gradand_sign_product: Any = None
+    gradand_add_into: Any = None  # (acc, v) -> acc + v written into acc (mutable arrays)
+    gradand_sign_into: Any = None  # (g) -> sign(g) written into g, NaN casting no vote
 
     def __init__(self, base: Any) -> None:
         self._base = base

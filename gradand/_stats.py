@@ -409,11 +409,22 @@ class Fold:
         xp = self._xp or array_namespace(present, name="present")
         return xp.astype(present, xp.int32)
 
-    def add(self, g: Any, *, axis: int | None = None, present: Any = None, seeded: bool = False) -> None:
+    def add(
+        self,
+        g: Any,
+        *,
+        axis: int | None = None,
+        present: Any = None,
+        seeded: bool = False,
+        owned: bool = False,
+    ) -> None:
         """Add one environment's gradient ``g`` (``axis=0``: a chunk of environments along axis 0).
 
         ``present`` (0-d bool array, one environment only): whether it counts. ``seeded``: ``g``
-        was computed with :meth:`seed` as the backward pass's seed.
+        was computed with :meth:`seed` as the backward pass's seed. ``owned``: ``g`` is the
+        caller's to overwrite (a fresh contiguous gradient); with a namespace that writes in place
+        (``gradand_add_into``, ``gradand_sign_into``: PyTorch) the fold then allocates nothing
+        per environment, and holds two arrays of ``g``'s size besides ``g``.
         """
         xp = self._xp = array_namespace(g, xp=self._xp)
         if self._dtype is None:
@@ -428,8 +439,18 @@ class Fold:
             self._merge_part(g, axis, present, xp)
             return
         acc = accumulation_dtype(g.dtype, xp)
+        owned = owned and g.dtype == acc
         g = g if g.dtype == acc else xp.astype(g, acc)
         g, finite = apply_nan_policy(g, xp, self._nan_policy, self._name, report=True)
+        inplace = (
+            owned and axis is None and present is None and self._scale is not None
+            and not self._int_votes and getattr(xp, "gradand_add_into", None) is not None
+            and getattr(xp, "gradand_sign_into", None) is not None
+        )  # fmt: skip
+        if inplace:
+            self._count = self._count + 1
+            self._add_inplace(g, seeded, xp)
+            return
         finite = finite or self._checked_later
         w = None
         if present is not None:
@@ -452,6 +473,23 @@ class Fold:
         if self._logs:
             logs = xp.log(xp.abs(g) + self._eps)
             self._accumulate("log_abs_mean", logs if w is None else logs * w, axis, n, xp, False)
+
+    def _add_inplace(self, g: Any, seeded: bool, xp: Any) -> None:
+        """One environment added by writing into the accumulators and into ``g`` itself."""
+        if self._logs:  # before g changes
+            self._put("log_abs_mean", xp.log(xp.abs(g) + self._eps) * (1.0 / self._scale))
+        if self._mean:
+            term = g if self._scale == 1.0 or seeded else g * (1.0 / self._scale)
+            if "mean" in self._sums:
+                xp.gradand_add_into(self._sums["mean"], term)
+            else:
+                self._sums["mean"] = term if term is not g else xp.asarray(g, copy=True)
+        if self._votes:  # the signs overwrite g: no per-environment array is allocated
+            signs = xp.gradand_sign_into(g)
+            if "sign_sum" in self._sums:
+                xp.gradand_add_into(self._sums["sign_sum"], signs)
+            else:
+                self._sums["sign_sum"] = signs
 
     def _put(self, key: str, v: Any) -> None:
         self._sums[key] = v if key not in self._sums else self._sums[key] + v

@@ -28,6 +28,14 @@ class _TorchNamespace(HookedNamespace):
     gradand_vote_signs = staticmethod(torch.sign)
 
     @staticmethod
+    def gradand_add_into(acc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return acc.add_(v)
+
+    @staticmethod
+    def gradand_sign_into(g: torch.Tensor) -> torch.Tensor:
+        return g.sign_()  # NaN becomes 0: no vote
+
+    @staticmethod
     def gradand_sign_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``sign(a) @ sign(b)`` as exact int32 votes (NaN casts none), for the outer-product path.
 

@@ -118,7 +118,8 @@ def streaming_statistics(
             else:
                 used[i] = True
             try:
-                folds[i].add(unscale(g, scale), seeded=seeded)
+                g = unscale(g, scale)
+                folds[i].add(g, seeded=seeded, owned=g.is_contiguous() and g is not out)
             except ValueError as err:
                 raise with_context(err, f"environment {e}, params[{i}] (shape {tuple(p.shape)})") from None
         grads = g = None  # free this environment's gradients before the next backward
