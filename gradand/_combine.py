@@ -264,6 +264,11 @@ def finalize_many(
     mask = combiner.mask(flat, xp)
     dt = direction.dtype
     numels = xp.asarray(sizes, dtype=dt, device=array_api_compat.device(direction))
+    votes_ = None  # Σ |Σ sign| per tensor, before the updates exist: no full-size float copy
+    if return_info and flat.sign_sum is not None:
+        absolute = xp.abs(flat.sign_sum)
+        votes_ = xp.stack([xp.sum(absolute[sl], dtype=dt) for sl in segments])
+        absolute = None
     survivors = None
     if mask is None:
         pieces = [direction[sl] for sl in segments]
@@ -288,11 +293,9 @@ def finalize_many(
         updates.append(u if u.dtype == head.dtype else xp.astype(u, head.dtype))
     if not return_info:
         return updates
-    if flat.sign_sum is not None:
-        votes = xp.astype(xp.abs(flat.sign_sum), dt)
-        agreement_ = xp.stack([xp.sum(votes[sl]) for sl in segments]) / (numels * flat.count)
-    else:
-        agreement_ = xp.stack([xp.sum(direction[sl]) for sl in segments]) * float("nan")
+    agreement_ = votes_ / (numels * flat.count) if votes_ is not None else (
+        xp.stack([xp.sum(direction[sl]) for sl in segments]) * float("nan")
+    )  # fmt: skip
     fraction = xp.ones_like(agreement_) if survivors is None else survivors / numels
     return updates, [MaskInfo(fraction[i], agreement_[i]) for i in range(len(stats))]
 
