@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite on one CUDA GPU: the torch and JAX parts (TensorFlow here is the CPU build).
-# Sized to finish in under 5 minutes; writes benchmarks/results/gpu/bench.{json,md,png}.
+# Every workload (the MLPs, the CNN, the MNIST convnets and the BatchNorm ResNet) at full size;
+# sized to finish in under 8 minutes on one large GPU; writes benchmarks/results/gpu/bench.{json,md,png}.
 # Fails with exit status 3 and a message when CUDA is absent (torch sees no device, or jax has
 # no GPU backend: install jax[cuda12]). Extra arguments go to run.py (e.g. --frameworks torch).
 set -euo pipefail

@@ -17,6 +17,7 @@ Run:
     python benchmarks/run.py --threads 1                     # the full suite (minutes)
     python benchmarks/run.py --quick                         # tiny sizes, 2 rounds (seconds)
     python benchmarks/run.py --frameworks torch --workloads mlp,per-example --rounds 9
+    python benchmarks/run.py --quick --workloads convnet,resnet-bn   # the image models, tiny sizes
     python benchmarks/run.py --device cuda                   # torch and JAX on CUDA (see gpu.sh)
 """
 
@@ -50,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--frameworks", default=None, help="comma-separated, of torch,jax,tensorflow (default: installed)"
     )
     p.add_argument(
-        "--workloads", default=None, help="comma-separated: mlp,cnn,per-example,sweep (default: all)"
+        "--workloads",
+        default=None,
+        help="comma-separated, of mlp,cnn,per-example,sweep-E<n>,convnet-4x16,convnet-16x8,resnet-bn; "
+        "sweep selects every sweep-E<n>, convnet both convnet-* (default: all)",
     )
     p.add_argument(
         "--rounds", type=int, default=None, help="interleaved timing rounds (default 7; --quick 2)"
