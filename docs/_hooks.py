@@ -91,6 +91,7 @@ SECTIONS: dict[str, list[tuple[str, str, list[str]]]] = {
                 "combine",
                 "scale_by_temporal_and_mask",
                 "dense",
+                "conv",
             ],
         ),
         (

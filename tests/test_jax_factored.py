@@ -424,3 +424,277 @@ def test_several_cache_sized_chunks_are_scanned_and_equal_one_product(monkeypatc
             m.setattr(_factored, "_CHUNK_BYTES", 2**40)
             whole = jax.jit(gj.value_and_grad(pure_loss, c, method="factored"))(params, x, y)
         assert_same(chunked, whole, atol=1e-5)
+
+
+# --- convolutions ---------------------------------------------------------------------------
+#
+# Oracle: each environment's own gradient (jax.grad of its loss, one environment at a time),
+# combined by the numpy core. float64 (jax.enable_x64), so that no vote flips on rounding.
+
+CONV_COMBINERS = [gradand.AndMask(threshold=0.7), gradand.SandMask(threshold=0.3, k=2.0)]
+
+
+def conv_params(dims: int, seed: int = 0) -> dict:
+    """Two convolutions (the second grouped, strided, dilated) and a dense head, float64."""
+    rng = np.random.default_rng(seed)
+    first, second = ((3, 3), (3, 2)) if dims == 2 else ((3,), (2,))
+    flat = {2: 4 * 4 * 4, 1: 11 * 4}[dims]  # the second convolution's output, flattened
+    return {
+        "c1": {"k": rng.standard_normal((*first, 2, 4)) / 2, "b": np.full(4, 0.1)},
+        "c2": {"k": rng.standard_normal((*second, 2, 4)) / 2, "b": np.zeros(4)},
+        "out": {"w": rng.standard_normal((flat, 3)) / 4, "b": np.zeros(3)},
+    }
+
+
+def conv_loss(dims: int):
+    """One environment's cross-entropy through gj.conv: SAME then strided, dilated, grouped."""
+    second = (
+        {"strides": 2, "kernel_dilation": (1, 2), "padding": ((1, 1), (0, 0))}
+        if dims == 2
+        else {"strides": 1, "kernel_dilation": 2, "padding": "VALID", "input_dilation": 2}
+    )
+
+    def loss(params, x, y):
+        h = jax.nn.relu(gj.conv(x, params["c1"]["k"], params["c1"]["b"], padding="SAME"))
+        h = jnp.tanh(gj.conv(h, params["c2"]["k"], params["c2"]["b"], feature_group_count=2, **second))
+        flat = h.reshape(*h.shape[: h.ndim - dims - 1], -1)
+        logits = gj.dense(flat, params["out"]["w"], params["out"]["b"])
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[..., None], -1)[..., 0])
+
+    return loss
+
+
+def conv_batch(dims: int, envs: int, n: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    size = {2: (8, 9), 1: (7,)}[dims]
+    return jnp.asarray(rng.standard_normal((envs, n, *size, 2))), jnp.asarray(rng.integers(0, 3, (envs, n)))
+
+
+def oracle(loss, params, combiner, x, y):
+    """Each environment's own jax.grad, combined by the numpy core."""
+    grad = jax.jit(jax.grad(loss))
+    per_env = [grad(params, x[e], y[e]) for e in range(x.shape[0])]
+    return jax.tree.map(lambda *g: gradand.combine(np.stack([np.asarray(a) for a in g]), combiner), *per_env)
+
+
+def assert_tree_close(got, want, rtol=1e-9, atol=1e-12):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    ("dims", "n", "combiner"),
+    [
+        (1, 1, CONV_COMBINERS[0]),
+        (1, 5, CONV_COMBINERS[1]),
+        (2, 1, CONV_COMBINERS[1]),
+        (2, 5, CONV_COMBINERS[0]),
+    ],
+    ids=["1d-n1", "1d-n5", "2d-n1", "2d-n5"],
+)
+def test_conv_kernels_equal_each_environments_own_gradient_combined(dims, n, combiner):
+    """Strides, SAME / explicit / VALID padding, kernel and input dilation, groups; under jit,
+    in chunks of 2 environments (2 + 2 + 1), every leaf factored (fallback="error")."""
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, conv_params(dims))
+        x, y = conv_batch(dims, 5, n)
+        loss = conv_loss(dims)
+        f = gj.value_and_grad(loss, combiner, method="factored", fallback="error", chunk_size=2)
+        (_, result), grads = jax.jit(f)(params, x, y)
+        assert_tree_close(grads, oracle(loss, params, combiner, x, y))
+        assert jax.tree.leaves(grads)[0].dtype == jnp.float64
+        assert float(result.summary.survivor_fraction) < 1.0  # the environments disagree somewhere
+
+
+def test_conv_eager_and_vmapped_transposes_equal_the_per_environment_ones(monkeypatch):
+    """The kernel gradients one per environment (jit on CPU) or vmapped (environments as feature
+    groups: accelerators, or eagerly past the unroll limit) agree, eagerly and under jit."""
+    from gradand.backends.jax import _tree
+
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, conv_params(1))
+        x, y = conv_batch(1, 4, 3)
+        c = gradand.AndMask(threshold=0.5)
+        want = oracle(conv_loss(1), params, c, x, y)
+        f = gj.value_and_grad(conv_loss(1), c, method="factored", fallback="error")
+        assert_tree_close(f(params, x, y)[1], want)
+        monkeypatch.setattr(_tree, "_UNROLL_ENVIRONMENTS", 0)  # as for more than 256 environments
+        assert_tree_close(jax.jit(f)(params, x, y)[1], want)
+
+
+def test_conv_statistics_in_many_cache_sized_chunks_are_not_scanned(monkeypatch):
+    """Chunks of 2 of 9 environments with the scan threshold at 2 chunks: a convolution's kernel
+    stays unrolled (XLA on CPU runs its transpose 50-80x slower in a loop); the dense head's
+    kernel is scanned. Both equal one chunk."""
+    from gradand.backends.jax import _factored
+
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, conv_params(1))
+        x, y = conv_batch(1, 9, 2)
+        c = gradand.AndMask(threshold=0.5)
+
+        def step():  # a new function: jit's cache holds traces by function
+            return jax.jit(gj.value_and_grad(conv_loss(1), c, method="factored", fallback="error"))
+
+        whole = step()(params, x, y)
+        monkeypatch.setattr(_factored, "_SCAN_CHUNKS", 2)
+        monkeypatch.setattr(_factored, "_CHUNK_BYTES", 2 * 8 * 3 * 2 * 4)  # 2 environments of c1's kernel
+        jaxpr = str(step().trace(params, x, y).jaxpr)
+        assert jaxpr.count("scan[") == 1  # the dense head's kernel; no convolution in a loop
+        chunked = step()(params, x, y)
+        assert_tree_close(chunked[1], whole[1], rtol=1e-12, atol=1e-12)
+
+
+def test_conv_with_env_ids_of_different_sizes_equals_the_vectorized_path():
+    """Environments of 1, 4 and 2 examples; loss_fn is one example's loss (an unbatched image)."""
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, conv_params(2))
+        x, y = conv_batch(2, 7, 1)
+        x, y = x[:, 0], y[:, 0]  # 7 examples
+        ids = jnp.asarray([1, 0, 1, 2, 1, 1, 2])
+        c = gradand.AndMask(threshold=0.6)
+        want = jax.jit(gj.value_and_grad(conv_loss(2), c, num_envs=3))(params, x, y, env_ids=ids)
+        f = gj.value_and_grad(conv_loss(2), c, method="factored", fallback="error", num_envs=3)
+        got = jax.jit(f)(params, x, y, env_ids=ids)  # each environment padded to the 7 examples
+        assert_tree_close(got[1], want[1])
+        np.testing.assert_allclose(got[0][1].losses, want[0][1].losses, rtol=1e-12)
+
+
+class FlaxConvNet(nn.Module):
+    """flax convolutions of every supported kind, and three that fall back."""
+
+    unsupported: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="CIRCULAR")(x))
+        x = nn.relu(nn.Conv(4, (3, 3), strides=2, kernel_dilation=(2, 1), feature_group_count=2)(x))
+        x = nn.tanh(nn.Conv(3, (2, 2), padding=((1, 0), (0, 1)), input_dilation=2, use_bias=False)(x))
+        if self.unsupported:
+            x = nn.ConvTranspose(3, (2, 2))(x)
+            x = nn.Conv(3, (1, 1), mask=jnp.ones((1, 1, 3, 3)))(x)
+            x = DoubledConv(3, (1, 1))(x)
+        x = x.reshape(*x.shape[:-3], -1)
+        return nn.Dense(1)(x)[..., 0]
+
+
+class DoubledConv(nn.Conv):
+    def __call__(self, x):
+        return super().__call__(x) * 2.0
+
+
+def test_flax_conv_is_intercepted_and_equals_the_vectorized_path():
+    net = FlaxConvNet()
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((ENVS, 3, 8, 8, 2)).astype(np.float32))
+    y = jnp.asarray(rng.standard_normal((ENVS, 3)).astype(np.float32))
+    params = net.init(jax.random.key(0), x[0])["params"]
+
+    def loss(params, x, y):
+        return jnp.mean((net.apply({"params": params}, x) - y) ** 2)
+
+    c = gradand.AndMask(threshold=0.5)
+    got = jax.jit(gj.value_and_grad(loss, c, method="factored", fallback="error"))(params, x, y)
+    assert_same(got, jax.jit(gj.value_and_grad(loss, c))(params, x, y), atol=1e-5)
+
+    odd = FlaxConvNet(unsupported=True)
+    odd_params = odd.init(jax.random.key(0), x[0])["params"]
+
+    def odd_loss(params, x, y):
+        return jnp.mean((odd.apply({"params": params}, x) - y) ** 2)
+
+    with pytest.raises(ValueError, match="these leaves of params are not") as err:
+        gj.value_and_grad(odd_loss, c, method="factored", fallback="error")(odd_params, x, y)
+    for name in ("ConvTranspose_0", "Conv_3", "DoubledConv_0"):
+        assert name in str(err.value)
+    for name in ("Conv_0", "Conv_1", "Conv_2", "Dense_0"):
+        assert f"'{name}'" not in str(err.value)
+    got = jax.jit(gj.value_and_grad(odd_loss, c, method="factored"))(odd_params, x, y)
+    assert_same(got, jax.jit(gj.value_and_grad(odd_loss, c))(odd_params, x, y), atol=1e-5)
+
+
+class BatchNormConvNet(nn.Module):
+    """The MNIST-style convnet with BatchNorm after each convolution, in train mode (no conv bias:
+    BatchNorm subtracts it, so its gradient is 0 up to rounding, and its votes are noise)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.BatchNorm(use_running_average=False)(nn.Conv(8, (3, 3), use_bias=False)(x)))
+        x = nn.relu(nn.BatchNorm(use_running_average=False)(nn.Conv(8, (3, 3), strides=2, use_bias=False)(x)))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        return nn.Dense(3)(x.reshape(*x.shape[:-3], -1))
+
+
+def test_flax_convnet_with_batch_norm_has_per_environment_batch_statistics():
+    """Each environment is normalised with its own batch statistics, as by the vectorized path
+    and as if the model ran on that environment alone; batch_stats come back per environment."""
+    net = BatchNormConvNet()
+    rng = np.random.default_rng(7)
+    shift = np.arange(4, dtype=np.float32)[:, None, None, None, None]  # environments differ in mean
+    x = jnp.asarray(rng.standard_normal((4, 6, 10, 10, 1)).astype(np.float32) + shift)
+    y = jnp.asarray(rng.integers(0, 3, (4, 6)))
+    variables = net.init(jax.random.key(0), x[0])
+
+    def loss(params, x, y, *, stats):
+        logits, updates = net.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        value = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[..., None], -1)[..., 0])
+        return value, updates["batch_stats"]
+
+    c = gradand.AndMask(threshold=0.5)
+    args, stats = (variables["params"], x, y), variables["batch_stats"]
+    got = jax.jit(gj.value_and_grad(loss, c, method="factored", has_aux=True))(*args, stats=stats)
+    want = jax.jit(gj.value_and_grad(loss, c, has_aux=True))(*args, stats=stats)
+    assert_same(got, want, atol=1e-5)
+    per_env = got[0][1].aux
+    for e in range(4):  # environment e's batch statistics are those of a forward pass over it alone
+        alone = loss(variables["params"], x[e], y[e], stats=stats)[1]
+        for a, b in zip(jax.tree.leaves(per_env), jax.tree.leaves(alone), strict=True):
+            np.testing.assert_allclose(a[e], b, rtol=1e-5, atol=1e-6)
+    mean = per_env["BatchNorm_0"]["mean"]
+    assert mean.shape == (4, 8) and float(jnp.ptp(mean, axis=0).max()) > 1e-2  # not pooled over environments
+    with pytest.raises(ValueError, match="these leaves of params are not") as err:  # γ, β fall back
+        gj.value_and_grad(loss, c, method="factored", has_aux=True, fallback="error")(*args, stats=stats)
+    assert "BatchNorm_0" in str(err.value) and "'Conv_0'" not in str(err.value)
+
+
+def test_conv_outside_the_transform_is_lax_conv_general_dilated():
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((2, 6, 7, 4)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 2, 2, 6)).astype(np.float32))
+    b = jnp.asarray(rng.standard_normal(6).astype(np.float32))
+    want = jax.lax.conv_general_dilated(
+        x, k, (2, 1), ((1, 1), (0, 2)), rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=2,
+    ) + b  # fmt: skip
+    options = {"strides": (2, 1), "padding": (1, (0, 2)), "kernel_dilation": (1, 2), "feature_group_count": 2}
+    np.testing.assert_allclose(gj.conv(x, k, b, **options), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gj.conv(x[0], k, b, **options), want[0], rtol=1e-6, atol=1e-6)  # one example
+    assert gj.conv(x[None], k, feature_group_count=2).shape == (1, 2, 6, 7, 6)  # two batch axes, SAME
+    grad = jax.grad(lambda k: gj.conv(x, k, feature_group_count=2).sum())(k)
+    assert grad.shape == k.shape
+    assert gj.conv(x.astype(jnp.bfloat16), k, feature_group_count=2).dtype == jnp.float32  # promoted
+
+
+def test_conv_errors():
+    x, k = jnp.ones((2, 6, 6, 4)), jnp.ones((3, 3, 4, 6))
+    with pytest.raises(ValueError, match=r"kernel must have shape \(\*window, in / groups, out\)"):
+        gj.conv(x, jnp.ones((4, 6)))
+    with pytest.raises(ValueError, match=r"in = kernel.shape\[-2\] \* feature_group_count = 8"):
+        gj.conv(x, k, feature_group_count=2)
+    with pytest.raises(ValueError, match=r"feature_group_count must be a positive int dividing .* 6"):
+        gj.conv(x, k, feature_group_count=4)
+    with pytest.raises(ValueError, match="2 spatial dimensions"):
+        gj.conv(jnp.ones((6, 4)), k)
+    with pytest.raises(ValueError, match=r"bias must have shape \(out,\) = \(6,\)"):
+        gj.conv(x, k, jnp.ones(4))
+    with pytest.raises(ValueError, match="strides must be a positive int or 2 positive ints; got"):
+        gj.conv(x, k, strides=(1, 0))
+    with pytest.raises(ValueError, match="kernel_dilation must be"):
+        gj.conv(x, k, kernel_dilation=(1, 1, 1))
+    with pytest.raises(ValueError, match="padding must be 'SAME', 'VALID'"):
+        gj.conv(x, k, padding="CIRCULAR")
+    with pytest.raises(ValueError, match=r"or 2 ints or \(low, high\) pairs; got \(1, 2, 3\)"):
+        gj.conv(x, k, padding=(1, 2, 3))
+    with pytest.raises(TypeError, match="conv needs floating inputs"):
+        gj.conv(x.astype(jnp.int32), k)

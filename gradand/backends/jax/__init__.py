@@ -8,9 +8,10 @@ with ``env_ids``, environments of any sizes), returning
 - sources, ``(loss_fn, combiner, params, batch, ...) -> (losses, stats)``:
   :func:`vectorized_statistics` (``vmap`` of ``grad``; ``chunk_size`` folds
   environments through ``lax.scan``), :func:`streaming_statistics` (one
-  environment at a time) and :func:`factored_statistics` (dense layers —
-  every ``flax.linen.Dense``, and :func:`dense` in hand-written models —
-  handed to the core's factored engine :func:`gradand.layer_statistics`;
+  environment at a time) and :func:`factored_statistics` (dense and
+  convolutional layers — every ``flax.linen.Dense`` and ``flax.linen.Conv``,
+  and :func:`dense` / :func:`conv` in hand-written models — handed to the
+  core's factored engine :func:`gradand.layer_statistics`;
   :data:`FACTORED_LAYERS`);
 - :func:`all_reduce_statistics` — ``lax.psum`` inside ``shard_map``/``pmap``;
 - the sink :func:`finalize_gradients` — ``(grads, infos)``.
@@ -58,7 +59,7 @@ Example:
 from gradand.backends.jax._all_reduce import all_reduce_statistics
 from gradand.backends.jax._consistency import environment_hessians, environment_losses
 from gradand.backends.jax._entry import GradInfo, factored_value_and_grad, value_and_grad
-from gradand.backends.jax._factored import FACTORED_LAYERS, dense, factored_statistics
+from gradand.backends.jax._factored import FACTORED_LAYERS, conv, dense, factored_statistics
 from gradand.backends.jax._optax import (
     ReduceEnvironmentsState,
     TemporalAndMaskState,
@@ -79,6 +80,7 @@ __all__ = [
     "TreeInfo",
     "all_reduce_statistics",
     "combine",
+    "conv",
     "dense",
     "environment_hessians",
     "environment_losses",

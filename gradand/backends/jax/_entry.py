@@ -96,8 +96,9 @@ def value_and_grad(
             ``gradand.GeometricMean(...)``, ``gradand.SandMask(...)``.
         method: ``"vectorized"`` (``vmap`` of ``grad``), ``"streaming"`` (one
             environment per ``lax.scan`` step: ``chunk_size=1``) or
-            ``"factored"`` (the fast path for dense layers; ``argnums=0``, no
-            ``in_axes``, ``env_ids`` or ``axis_name``).
+            ``"factored"`` (the fast path for dense and convolutional layers:
+            :func:`factored_statistics`; ``argnums=0``, no ``in_axes`` or
+            ``axis_name``).
         has_aux: ``loss_fn`` returns ``(loss, aux)``; ``result.aux`` then
             holds the per-environment ``aux`` stacked on axis 0.
         argnums: which positional argument(s) to differentiate (as in JAX).
