@@ -102,9 +102,16 @@ def _batch_norm(h: jax.Array, scale_offset: tuple[jax.Array, jax.Array], eps: fl
     return (h - mean) * jax.lax.rsqrt(var + eps) * scale + offset
 
 
-def loss_for(w: Workload, matmul: Callable | None = None) -> Callable:
-    """One environment's loss; ``matmul(x, kernel, bias)`` for the dense layers (``gj.dense``: factored)."""
+def loss_for(w: Workload, matmul: Callable | None = None, convolve: Callable | None = None) -> Callable:
+    """One environment's loss; ``matmul(x, kernel, bias)`` for the dense layers and ``convolve(x,
+    kernel, bias, strides=, padding=)`` for the convolutions (``gj.dense``, ``gj.conv``: factored)."""
     affine = matmul or (lambda x, wt, b: x @ wt + b)
+
+    def conv(h, kernel, bias=None, stride=1, padding="SAME"):
+        if convolve is not None:
+            return convolve(h, kernel, bias, strides=stride, padding=padding)
+        out = _conv(h, kernel, stride, padding)
+        return out if bias is None else out + bias
 
     def mlp_loss(params, batch):
         x, y = batch
@@ -121,7 +128,7 @@ def loss_for(w: Workload, matmul: Callable | None = None) -> Callable:
         h = x
         for name in ("conv0", "conv1"):
             k, b = params[name]
-            h = _max_pool(jax.nn.relu(_conv(h, k) + b))
+            h = _max_pool(jax.nn.relu(conv(h, k, b)))
         wt, b = params["dense0"]
         logits = affine(h.reshape(h.shape[0], -1), wt, b)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
@@ -131,7 +138,7 @@ def loss_for(w: Workload, matmul: Callable | None = None) -> Callable:
         h = x
         for name in ("conv0", "conv1"):
             k, b = params[name]
-            h = jax.nn.relu(_conv(h, k, padding="VALID") + b)
+            h = jax.nn.relu(conv(h, k, b, padding="VALID"))
         h = _max_pool(h).reshape(h.shape[0], -1)
         h = jax.nn.relu(affine(h, *params["dense0"]))
         logits = affine(h, *params["dense1"])
@@ -141,13 +148,13 @@ def loss_for(w: Workload, matmul: Callable | None = None) -> Callable:
         x, y = batch  # x: (n, H, W, C)
         pad = ((1, 1), (1, 1))  # torch's padding=1 (XLA's "SAME" pads stride-2 convs asymmetrically)
         stem = params["stem"]
-        h = jax.nn.relu(_batch_norm(_conv(x, stem["conv"], padding=pad), stem["bn"]))
+        h = jax.nn.relu(_batch_norm(conv(x, stem["conv"], padding=pad), stem["bn"]))
         for i, block in enumerate(params["blocks"]):
             stride = _stride(i // 2, i % 2)
-            out = jax.nn.relu(_batch_norm(_conv(h, block["conv1"], stride, pad), block["bn1"]))
-            out = _batch_norm(_conv(out, block["conv2"], padding=pad), block["bn2"])
+            out = jax.nn.relu(_batch_norm(conv(h, block["conv1"], None, stride, pad), block["bn1"]))
+            out = _batch_norm(conv(out, block["conv2"], padding=pad), block["bn2"])
             if "short_conv" in block:
-                h = _batch_norm(_conv(h, block["short_conv"], stride, "VALID"), block["short_bn"])
+                h = _batch_norm(conv(h, block["short_conv"], None, stride, "VALID"), block["short_bn"])
             h = jax.nn.relu(out + h)
         logits = affine(jnp.mean(h, axis=(1, 2)), *params["dense"])
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
@@ -199,17 +206,16 @@ def compiled_steps(w: Workload, device: str) -> dict[str, tuple[Callable, tuple,
         "gradand value_and_grad": combined(None),
         f"gradand value_and_grad(chunk={chunk})": combined(chunk),
     }
-    if w.model != "cnn":  # the factored path: dense layers by gj.dense (in place of x @ w + b), the
-        # rest (convolutions, BatchNorm) by vmap in the same pass; left out for the cnn, as before
-        # (its one dense layer is all it would factor)
-        grad_fn = gj.value_and_grad(loss_for(w, gj.dense), COMBINER, method="factored")
+    # the factored path: dense layers by gj.dense, convolutions by gj.conv; the rest (BatchNorm's
+    # scale and offset) by vmap in the same pass
+    grad_fn = gj.value_and_grad(loss_for(w, gj.dense, gj.conv), COMBINER, method="factored")
 
-        def factored(params, state, batch):
-            (value, _), grads = grad_fn(params, batch)
-            updates, state = adam.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, value
+    def factored(params, state, batch):
+        (value, _), grads = grad_fn(params, batch)
+        updates, state = adam.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
 
-        fns["gradand factored"] = factored
+    fns["gradand factored"] = factored
     params = init(w)
     # the whole carry committed to the device, as the step's outputs are: an uncommitted leaf (Adam's
     # count) would make the second call compile the step again
