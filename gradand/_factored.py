@@ -245,8 +245,11 @@ def _statistics(
     if not outer and (unroll or chunk_size < envs):  # chunks folded as they come: sums, no merges
         fold = Fold(combiner, envs, nan_policy=policy, xp=xp, _checked_later=later)
         # the fold's power of two on Δ when Δ is smaller than the products (few rows), else on them
-        rows = sum(math.prod(f.deltas.shape[1:]) for f in factors)
-        seed = fold.seed(first.deltas.dtype, xp) if rows < math.prod(shape) else None
+        # (a size unknown until run time, TensorFlow's padded environments in a graph: on the products)
+        sizes = [tuple(f.deltas.shape[1:]) for f in factors]
+        known = all(n is not None for size in sizes for n in size)
+        rows = sum(math.prod(size) for size in sizes) if known else None
+        seed = fold.seed(first.deltas.dtype, xp) if rows is not None and rows < math.prod(shape) else None
     for start in range(0, envs, chunk_size):
         sl = slice(start, min(start + chunk_size, envs))
         if outer:

@@ -1,4 +1,5 @@
-"""The factored TensorFlow path equals vectorized_statistics + finalize_gradients; errors name their cause."""
+"""The factored TensorFlow path equals vectorized_statistics + finalize_gradients (convolutions and
+BatchNormalization: one pass per environment); errors name their cause."""
 
 from __future__ import annotations
 
@@ -264,25 +265,6 @@ def test_errors_name_the_argument():
     assert not any("call" in vars(layer) for layer in model.layers)
 
 
-def test_batch_norm_in_training_mode_is_refused():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((3,)),
-            keras.layers.Dense(4),
-            keras.layers.BatchNormalization(name="bn"),
-            keras.layers.Dense(1),
-        ]
-    )
-    x, y = _data(3, 4)
-    with pytest.raises(ValueError, match=r"BatchNormalization layer 'bn'.*training=False"):
-        gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
-    _, stats = gtf.factored_statistics(model, BCE, x, y, gradand.AndMask(), training=False)
-    assert len(stats) == len(model.trainable_variables)
-    model.layers[1].trainable = False  # a frozen BatchNormalization runs in inference mode
-    gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
-
-
 def test_model_output_without_batch_axis_is_refused():
     keras.utils.set_random_seed(0)
     inp = keras.Input((3,))
@@ -422,3 +404,263 @@ def test_deprecated_factored_gradients_warns_and_keeps_the_keras_order():
     _assert_close(old.gradients, grads, rtol=0, atol=0)
     with pytest.warns(DeprecationWarning, match="fallback='jacobian' is now fallback='vectorized'"):
         gtf.factored_statistics(model, BCE, x, y, c, fallback="jacobian")
+
+
+# --- convolutions and BatchNormalization ------------------------------------------------------------
+
+
+def _randomized(model, seed=1):
+    """Every trainable variable drawn at random: no gradient that is zero by symmetry (zero biases)."""
+    rng = np.random.default_rng(seed)
+    for v in model.trainable_variables:
+        v.assign(0.5 * rng.standard_normal(v.shape).astype(np.float32))
+    return model
+
+
+def _conv2d(seed=0):
+    keras.utils.set_random_seed(seed)
+    return _randomized(keras.Sequential([
+        keras.Input((9, 9, 3)),
+        keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+        keras.layers.Conv2D(6, 3, dilation_rate=2, groups=2),  # valid, dilated, grouped
+        keras.layers.Flatten(), keras.layers.Dense(1),
+    ]))  # fmt: skip
+
+
+def _conv1d(seed=0):
+    keras.utils.set_random_seed(seed)
+    return _randomized(keras.Sequential([
+        keras.Input((16, 3)),
+        keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2, activation="tanh"),
+        keras.layers.Conv1D(6, 3, strides=2, padding="same", groups=2, use_bias=False),
+        keras.layers.Conv1D(2, 2, padding="valid"),
+        keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1),
+    ]))  # fmt: skip
+
+
+def _conv3d(seed=0):
+    keras.utils.set_random_seed(seed)
+    return _randomized(keras.Sequential([
+        keras.Input((5, 5, 5, 2)),
+        keras.layers.Conv3D(4, 2, groups=2, activation="tanh"),
+        keras.layers.Conv3D(3, 2, strides=2, padding="same"),
+        keras.layers.Flatten(), keras.layers.Dense(1),
+    ]))  # fmt: skip
+
+
+def _images(model, n_env, n_ex, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_env, n_ex, *model.inputs[0].shape[1:])).astype(np.float32)
+    y = (rng.random((n_env, n_ex, 1)) > 0.5).astype(np.float32)
+    return tf.constant(x), tf.constant(y)
+
+
+def _loop(model, x, y, combiner):
+    """The oracle for (E, n, ...) batches: one tape.gradient per environment, combined by the numpy core."""
+    per_var = [[] for _ in model.trainable_variables]
+    for e in range(x.shape[0]):
+        with tf.GradientTape() as tape:
+            loss = BCE(y[e], model(x[e], training=True))
+        for k, g in enumerate(tape.gradient(loss, model.trainable_variables)):
+            per_var[k].append(g.numpy())
+    return [gradand.combine(np.stack(g), combiner) for g in per_var]
+
+
+@pytest.mark.parametrize("n_ex", [5, 1], ids=["envs", "per-example"])
+@pytest.mark.parametrize("make", [_conv2d, _conv1d, _conv3d], ids=["2d", "1d", "3d"])
+def test_conv_layers_are_factored_and_equal_the_per_environment_loop(make, n_ex):
+    """Strides, dilation, "same"/"valid"/"causal", groups: no variable falls back, eagerly and in a graph."""
+    model = make()
+    x, y = _images(model, 4, n_ex)
+    combiner = gradand.AndMask(0.5)
+    want = _loop(model, x, y, combiner)
+    got = gtf.model_gradient(model, BCE, x, y, combiner, fallback="error")[0]
+    _assert_close(got, want, rtol=1e-4, atol=1e-5)
+    step = tf.function(lambda a, b: gtf.model_gradient(model, BCE, a, b, combiner, fallback="error")[0])
+    _assert_close(step(x, y), want, rtol=1e-4, atol=1e-5)
+    assert not any("call" in vars(layer) for layer in model.layers), "Conv call was not restored"
+
+
+def test_conv_kernel_goes_to_the_core_as_raw_inputs_with_the_weight_gradient_op(monkeypatch):
+    seen = {}
+    engine = gradand.layer_statistics
+
+    def spy(factors, combiner, **kw):
+        seen[kw["name"]] = factors
+        return engine(factors, combiner, **kw)
+
+    monkeypatch.setattr(gradand, "layer_statistics", spy)
+    model = _conv2d()
+    x, y = _images(model, 3, 2)
+    gtf.factored_statistics(model, BCE, x, y, gradand.AndMask(), fallback="error")
+    first = model.layers[0]
+    kernel, bias = (seen[f"variable {v.path!r}"] for v in (first.kernel, first.bias))
+    assert kernel[0].gradient is not None and tuple(kernel[0].inputs.shape) == (3, 2, 9, 9, 3)
+    assert tuple(kernel[0].deltas.shape) == (3, 2, 5, 5, 4)  # no im2col patches
+    assert bias[0].inputs is None and tuple(bias[0].deltas.shape) == (3, 2 * 5 * 5, 4)
+
+
+def test_conv_with_env_ids_of_different_sizes_equals_the_per_environment_loop():
+    model = _conv2d()
+    rng = np.random.default_rng(3)
+    sizes = (3, 1, 4, 2)
+    env = np.repeat(np.arange(4), sizes)[rng.permutation(10)]
+    x = tf.constant(rng.standard_normal((10, 9, 9, 3)).astype(np.float32))
+    y = tf.constant((rng.random((10, 1)) > 0.5).astype(np.float32))
+    env = tf.constant(env)
+    combiner = gradand.SandMask(0.3, k=10.0)
+    want = _per_environment_loop(model, x, y, env, combiner)
+    got = gtf.model_gradient(model, BCE, x, y, combiner, env_ids=env, fallback="error")[0]
+    _assert_close(got, want, rtol=1e-4, atol=1e-5)
+    step = tf.function(
+        lambda a, b, e: gtf.model_gradient(model, BCE, a, b, combiner, env_ids=e, num_envs=4,
+                                           fallback="error")[0]
+    )  # fmt: skip
+    _assert_close(step(x, y, env), want, rtol=1e-4, atol=1e-5)
+
+
+class _OwnCallConv(keras.layers.Conv2D):
+    """A Conv2D subclass with its own ``call``: not factored, its variables fall back."""
+
+    def call(self, inputs):
+        return 2.0 * super().call(inputs)
+
+
+def test_convolutions_it_cannot_factor_fall_back_to_the_vectorized_path():
+    keras.utils.set_random_seed(0)
+    model = _randomized(keras.Sequential([
+        keras.Input((6, 6, 2)),
+        _OwnCallConv(3, 3, name="own"),
+        keras.layers.Conv2DTranspose(2, 2, name="transposed"),
+        keras.layers.Conv2D(2, 3, name="plain"),
+        keras.layers.Flatten(), keras.layers.Dense(1),
+    ]))  # fmt: skip
+    x, y = _images(model, 3, 2)
+    combiner = gradand.AndMask(0.6)
+    _assert_close(gtf.model_gradient(model, BCE, x, y, combiner)[0], _loop(model, x, y, combiner), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"outside them: \[[^]]*own/kernel[^]]*transposed/bias \(2,\)'\]"):
+        gtf.factored_statistics(model, BCE, x, y, combiner, fallback="error")
+
+
+def _bn_model(seed=0):
+    """BatchNormalization after a convolution (over examples and positions) and after a Dense layer."""
+    keras.utils.set_random_seed(seed)
+    return _randomized(keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(4, 3, use_bias=False),
+        keras.layers.BatchNormalization(momentum=0.8, name="bn_conv"),
+        keras.layers.ReLU(), keras.layers.Flatten(),
+        keras.layers.Dense(3, use_bias=False),
+        keras.layers.BatchNormalization(center=False, epsilon=1e-2, name="bn_dense"),
+        keras.layers.Dense(1),
+    ]))  # fmt: skip
+
+
+def _moving(model):
+    return [v.numpy() for v in model.non_trainable_variables]
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+def test_batch_norm_in_training_mode_equals_one_forward_pass_per_environment(graph):
+    """Per-environment batch statistics in one pass: the streaming path's gradients and moving statistics."""
+    factored, streaming = _bn_model(), _bn_model()
+    x, y = _images(factored, 4, 3)
+    combiner = gradand.AndMask(0.5)
+
+    def run(model, method, **kw):
+        step = lambda: gtf.model_gradient(model, BCE, x, y, combiner, method=method, **kw)[0]  # noqa: E731
+        return (tf.function(step) if graph else step)()
+
+    for _ in range(2):  # the second step starts from the updated moving statistics
+        got, want = run(factored, "factored", fallback="error"), run(streaming, "streaming")
+        _assert_close(got, want, rtol=1e-4, atol=1e-5)
+        _assert_close(_moving(factored), _moving(streaming), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(_moving(factored)[0], 0.0), "the moving mean was not updated"
+    assert not any("call" in vars(layer) for layer in factored.layers)
+
+
+def test_batch_norm_with_env_ids_and_a_channel_axis_equals_the_per_environment_loop():
+    """Environments of different sizes (segment sums), BatchNormalization(axis=1) on (B, C, T) inputs."""
+    keras.utils.set_random_seed(0)
+    make = lambda: _randomized(keras.Sequential([  # noqa: E731
+        keras.Input((3,)), keras.layers.Dense(8, use_bias=False), keras.layers.Reshape((4, 2)),
+        keras.layers.BatchNormalization(axis=1, momentum=0.7),
+        keras.layers.Flatten(), keras.layers.Dense(1),
+    ]))  # fmt: skip
+    factored, loop = make(), make()
+    x, y, env = _ragged((3, 2, 5, 2), seed=1)
+    combiner = gradand.AndMask(0.5)
+    got = gtf.model_gradient(factored, BCE, x, y, combiner, env_ids=env, fallback="error")[0]
+    _assert_close(got, _per_environment_loop(loop, x, y, env, combiner), rtol=1e-4, atol=1e-5)
+    _assert_close(_moving(factored), _moving(loop), rtol=1e-5, atol=1e-6)
+    step = tf.function(
+        lambda a, b, e: gtf.model_gradient(factored, BCE, a, b, combiner, env_ids=e, num_envs=4)[0]
+    )
+    _assert_close(step(x, y, env), _per_environment_loop(loop, x, y, env, combiner), rtol=1e-4, atol=1e-5)
+    _assert_close(_moving(factored), _moving(loop), rtol=1e-5, atol=1e-6)
+
+
+class _OwnCallBatchNorm(keras.layers.BatchNormalization):
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=training, mask=mask)
+
+
+@pytest.mark.parametrize(
+    "norm, reason",
+    [
+        (lambda: keras.layers.BatchNormalization(renorm=True, name="bn"), "renorm=True"),
+        (lambda: keras.layers.BatchNormalization(synchronized=True, name="bn"), "synchronized=True"),
+        (lambda: _OwnCallBatchNorm(name="bn"), "_OwnCallBatchNorm has its own call"),
+    ],
+    ids=["renorm", "synchronized", "own-call"],
+)
+def test_batch_norm_it_cannot_split_per_environment_is_refused_in_training_mode(norm, reason):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), norm(), keras.layers.Dense(1)])
+    x, y = _data(3, 4)
+    with pytest.raises(ValueError, match=rf"BatchNormalization layer 'bn' \({reason}.*training=False"):
+        gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
+    _, stats = gtf.factored_statistics(model, BCE, x, y, gradand.AndMask(), training=False)
+    assert len(stats) == len(model.trainable_variables)
+    model.layers[1].trainable = False  # a frozen BatchNormalization runs in inference mode
+    gtf.factored_statistics(model, BCE, x, y, gradand.AndMask())
+    assert not any("call" in vars(layer) for layer in model.layers)
+
+
+def test_batch_norm_in_inference_mode_is_factored_and_keeps_its_moving_statistics():
+    model = _bn_model()
+    x, y = _images(model, 3, 2)
+    before = _moving(model)
+    combiner = gradand.AndMask(0.5)
+    want = gtf.model_gradient(model, BCE, x, y, combiner, method="vectorized", training=False)[0]
+    got = gtf.model_gradient(model, BCE, x, y, combiner, training=False, fallback="error")[0]
+    _assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _assert_close(_moving(model), before, rtol=0, atol=0)
+
+
+def test_conv_and_batch_norm_on_images_of_any_size_and_under_xla_equal_one_pass_per_environment():
+    def make():
+        keras.utils.set_random_seed(0)
+        return _randomized(keras.Sequential([
+            keras.Input((None, None, 1)),
+            keras.layers.Conv2D(4, 3, use_bias=False), keras.layers.BatchNormalization(),
+            keras.layers.ReLU(), keras.layers.Conv2D(3, 3, strides=2, padding="same"),
+            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1),
+        ]))  # fmt: skip
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((3, 4, 7, 9, 1)).astype(np.float32))
+    y = tf.constant((rng.random((3, 4, 1)) > 0.5).astype(np.float32))
+    combiner = gradand.AndMask(0.5)
+    spec = [tf.TensorSpec((3, 4, None, None, 1)), tf.TensorSpec((3, 4, 1))]
+    for compiled in (
+        tf.function(input_signature=spec),  # height and width unknown when traced
+        tf.function(jit_compile=True),
+    ):
+        factored, streaming = make(), make()
+        step = compiled(
+            lambda a, b, m=factored: gtf.model_gradient(m, BCE, a, b, combiner, fallback="error")[0]
+        )
+        want = gtf.model_gradient(streaming, BCE, x, y, combiner, method="streaming")[0]
+        _assert_close(step(x, y), want, rtol=1e-4, atol=1e-5)
+        _assert_close(_moving(factored), _moving(streaming), rtol=1e-5, atol=1e-6)

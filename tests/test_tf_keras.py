@@ -373,3 +373,32 @@ def test_an_environment_index_out_of_range_names_the_index_and_num_environments(
     error = ValueError if eager else tf.errors.InvalidArgumentError
     with pytest.raises(error, match=r"outside \[0, num_environments=4\)"):
         model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0, shuffle=False)
+
+
+def _batch_norm_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((D,)), keras.layers.Dense(5, use_bias=False),
+        keras.layers.BatchNormalization(momentum=0.7), keras.layers.Activation("tanh"), keras.layers.Dense(1),
+    ])  # fmt: skip
+
+
+def test_fit_with_batch_norm_equals_a_factored_step_including_the_moving_statistics():
+    """fit (one forward pass per environment) and model_gradient's factored path (per-environment
+    batch statistics in one pass) give the same weights and moving statistics; the vectorized
+    method, which cannot update them per environment, is refused."""
+    x, y = _data()
+    c = gradand.AndMask(0.5)
+    net = _batch_norm_net()
+    grads, _ = gtf.model_gradient(net, _bce(), tf.constant(x), tf.constant(y), c, fallback="error")
+    keras.optimizers.SGD(0.1).apply_gradients(zip(grads, net.trainable_variables))
+    model = gtf.EnvironmentModel(_batch_norm_net(), combiner=c)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=_bce())
+    model.fit(tf.data.Dataset.from_tensors((x, y)), epochs=1, verbose=0, shuffle=False)
+    assert len(model.model.weights) == len(net.weights) == 7  # moving mean and variance included
+    for a, b in zip(model.model.weights, net.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    vectorized = gtf.EnvironmentModel(_batch_norm_net(), combiner=c, method="vectorized")
+    vectorized.compile(optimizer=keras.optimizers.SGD(0.1), loss=_bce())
+    with pytest.raises(ValueError, match=r"BatchNormalization layer .* method='vectorized' cannot"):
+        vectorized.fit(tf.data.Dataset.from_tensors((x, y)), epochs=1, verbose=0)

@@ -9,7 +9,8 @@ every gradand backend (docs: "One concept, one name"):
 - sources, each returning ``(losses, stats)``: :func:`streaming_statistics`
   (one ``tape.gradient`` per environment), :func:`vectorized_statistics`
   (``tape.jacobian`` or ``tf.vectorized_map``), :func:`factored_statistics`
-  (Keras ``Dense`` layers' ``X`` and ``Δ`` handed to :func:`gradand.layer_statistics`);
+  (Keras ``Dense``, ``Conv1D/2D/3D`` and ``BatchNormalization`` layers' ``X`` and ``Δ``
+  handed to :func:`gradand.layer_statistics`);
 - :func:`all_reduce_statistics`: merged over the replicas of ``tf.distribute``;
 - the sink :func:`finalize_gradients`: ``(grads, infos)`` for ``optimizer.apply_gradients``.
 

@@ -12,6 +12,7 @@ import gradand
 from gradand import Combiner, Result, Statistics
 from gradand._namespace import NanPolicy
 from gradand.backends.tensorflow._all_reduce import all_reduce_statistics
+from gradand.backends.tensorflow._batchnorm import check_vectorized
 from gradand.backends.tensorflow._common import (
     call_loss,
     check_method,
@@ -102,7 +103,10 @@ def model_gradient(
     ``method="factored"`` (default) is :func:`factored_statistics`;
     ``"vectorized"`` is :func:`vectorized_statistics` (``tf.vectorized_map``
     over the environment axis, or ``tape.jacobian`` with ``env_ids``);
-    ``"streaming"`` one ``tape.gradient`` per environment. Then, as in
+    ``"streaming"`` one forward pass and one ``tape.gradient`` per environment
+    (also with ``env_ids``). A ``BatchNormalization`` in training mode gets
+    each environment's own batch statistics with ``"factored"`` and
+    ``"streaming"``; ``"vectorized"`` refuses it (``ValueError``). Then, as in
     :func:`gradient`, the all-reduce under ``tf.distribute`` and
     :func:`finalize_gradients`.
 
@@ -145,6 +149,8 @@ def model_gradient(
     if variables is None:
         variables = model.trainable_variables
     options = {"nan_policy": nan_policy, "loss_scale": loss_scale}
+    if method == "vectorized":
+        check_vectorized(model, training)
     if method == "factored":
         losses, stats = factored_statistics(
             model, loss_fn, inputs, targets, combiner, env_ids=env_ids, num_envs=num_envs,
@@ -158,15 +164,30 @@ def model_gradient(
     else:
         persistent = method == "streaming"
         with tf.GradientTape(persistent=persistent) as tape:
-            env_losses = _per_environment_losses(model, loss_fn, inputs, targets, env_ids, num_envs, training)
+            env_losses = _per_environment_losses(
+                model, loss_fn, inputs, targets, env_ids, num_envs, training, separate=persistent
+            )
         source = streaming_statistics if persistent else vectorized_statistics
         losses, stats = source(tape, env_losses, variables, combiner, **options)
     return finish(losses, stats, combiner, variables)
 
 
 def _per_environment_losses(
-    model: Any, loss_fn: Any, inputs: Any, targets: Any, env_ids: Any, num_envs: Any, training: bool
+    model: Any,
+    loss_fn: Any,
+    inputs: Any,
+    targets: Any,
+    env_ids: Any,
+    num_envs: Any,
+    training: bool,
+    *,
+    separate: bool = True,
 ) -> list[Any]:
+    """Each environment's loss; ``separate``: one forward pass per environment also with ``env_ids``.
+
+    (``"streaming"``: a ``BatchNormalization`` in training mode then normalises each
+    environment by itself; ``"vectorized"`` differentiates one forward pass of the batch.)
+    """
     if env_ids is None:
         n = tf.nest.flatten(inputs)[0].shape[0]
         pick = lambda t, e: tf.nest.map_structure(lambda a: a[e], t)  # noqa: E731
@@ -175,9 +196,19 @@ def _per_environment_losses(
         ]
     batch = tf.nest.flatten(inputs)[0].shape[0]
     env, n = _environment_ids(env_ids, num_envs, batch)
+    tgts = [tf.dynamic_partition(tf.convert_to_tensor(t), env, n) for t in tf.nest.flatten(targets)]
+    if separate:
+        xs = [tf.dynamic_partition(tf.convert_to_tensor(t), env, n) for t in tf.nest.flatten(inputs)]
+        return [
+            call_loss(
+                loss_fn,
+                model(tf.nest.pack_sequence_as(inputs, [p[e] for p in xs]), training=training),
+                tf.nest.pack_sequence_as(targets, [p[e] for p in tgts]),
+            )
+            for e in range(n)
+        ]
     out = model(inputs, training=training)
     outs = [tf.dynamic_partition(t, env, n) for t in tf.nest.flatten(out)]
-    tgts = [tf.dynamic_partition(tf.convert_to_tensor(t), env, n) for t in tf.nest.flatten(targets)]
     return [
         call_loss(
             loss_fn,

@@ -1,13 +1,15 @@
-"""The factored source: Keras ``Dense`` layers' inputs ``X`` and output gradients ``Δ`` for the core.
+"""The factored source: Keras layers' inputs ``X`` and output gradients ``Δ`` for the core.
 
 A dense layer ``z = x @ W + b`` has environment ``e``'s kernel gradient
 ``X_eᵀ Δ_e`` (``Δ = ∂loss_e/∂z`` on that environment's rows) and bias gradient
-``Σ Δ_e``. One forward pass over every example records each supported layer's
-``X`` and ``z``; one ``tape.gradient`` of ``Σ_e loss_e`` with respect to the
-``z`` gives every ``Δ``. This module only finds the layers, records ``X`` and
-``Δ`` (grouped by environment) and hands them to the core's factored engine,
-:func:`gradand.layer_statistics`; variables outside supported layers fall
-back to ``tape.jacobian`` of the environments' losses.
+``Σ Δ_e``; a convolution's kernel gradient is TensorFlow's weight-gradient op of
+``X_e`` and ``Δ_e``. One forward pass over every example records each supported
+layer's ``X`` and ``z`` (``_layers``; ``BatchNormalization`` computes its batch
+statistics per environment while it runs: ``_batchnorm``); one ``tape.gradient``
+of ``Σ_e loss_e`` with respect to the ``z`` gives every ``Δ``. This module only
+groups ``X`` and ``Δ`` by environment and hands them to the core's factored
+engine, :func:`gradand.layer_statistics`; variables outside supported layers
+fall back to ``tape.jacobian`` of the environments' losses.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import keras
 import tensorflow as tf
 
 import gradand
 from gradand import Combiner, Statistics
 from gradand._namespace import NanPolicy, check_nan_policy
 from gradand.backends.tensorflow import xp
+from gradand.backends.tensorflow._batchnorm import (
+    batch_norms,
+    plain_batch_norm,
+    recording_batch_norm,
+    scale_gradient,
+)
 from gradand.backends.tensorflow._common import (
     call_loss,
     check_chunk_size,
@@ -31,58 +38,17 @@ from gradand.backends.tensorflow._common import (
     scaled,
     unscale_factor,
 )
+from gradand.backends.tensorflow._layers import (
+    Call,
+    all_layers,
+    conv_gradient,
+    is_conv,
+    key,
+    recording_call,
+    supported,
+)
 
 __all__ = ["factored_statistics"]
-
-
-def _supported(layer: Any) -> bool:
-    """A plain Keras ``Dense`` layer: its own ``call``, no LoRA, not quantized."""
-    return (
-        isinstance(layer, keras.layers.Dense)
-        and type(layer).call is keras.layers.Dense.call
-        and not getattr(layer, "lora_enabled", False)
-        and getattr(layer, "quantization_mode", None) is None
-        and "call" not in vars(layer)
-    )
-
-
-def _key(v: Any) -> int:
-    """Identity of a variable: a Keras variable and the ``tf.Variable`` it holds are one variable."""
-    if isinstance(v, keras.Variable):
-        v = v.value
-    return id(v)
-
-
-def _layers(model: Any) -> list[Any]:
-    flatten = getattr(model, "_flatten_layers", None)
-    if flatten is None:  # pragma: no cover - Keras internals moved
-        return list(getattr(model, "layers", []))
-    return list(flatten(include_self=True, recursive=True))
-
-
-class _Call:
-    """One call of a supported layer: its input ``x`` and pre-activation output ``z``."""
-
-    __slots__ = ("layer", "x", "z")
-
-    def __init__(self, layer: Any, x: Any, z: Any) -> None:
-        self.layer, self.x, self.z = layer, x, z
-
-
-def _recording_call(layer: Any, calls: list[_Call], bad: set[int], batch: int) -> Callable[..., Any]:
-    """``Dense.call`` computed as it is, recording ``x`` and ``z`` before the activation."""
-
-    def call(inputs: Any, training: Any = None) -> Any:
-        z = keras.ops.matmul(inputs, layer.kernel)
-        if layer.bias is not None:
-            z = keras.ops.add(z, layer.bias)
-        if inputs.shape.rank is not None and inputs.shape.rank >= 2 and inputs.shape[0] == batch:
-            calls.append(_Call(layer, inputs, z))
-        else:
-            bad.add(id(layer))
-        return z if layer.activation is None else layer.activation(z)
-
-    return call
 
 
 def _check_data(name: str, data: Any) -> tuple[list[Any], int, int]:
@@ -143,19 +109,6 @@ def _check_input_shapes(model: Any, leaves: list[Any]) -> None:
             )
 
 
-def _check_batch_norm(model: Any, training: bool) -> None:
-    if not training:
-        return
-    for layer in _layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
-            raise ValueError(
-                f"model contains BatchNormalization layer {layer.name!r}, which in training mode "
-                f"normalises over the whole batch, so the environments' examples would interact; the "
-                f"factored path needs every example computed on its own. Pass training=False, freeze "
-                f"the layer (layer.trainable = False), or use vectorized_statistics"
-            )
-
-
 def _environment_ids(env_ids: Any, num_envs: Any, batch: int) -> tuple[Any, int]:
     """``env_ids`` as int32 ``(B,)`` and the number of environments, every index checked."""
     env = tf.convert_to_tensor(env_ids)
@@ -195,25 +148,31 @@ def _environment_ids(env_ids: Any, num_envs: Any, batch: int) -> tuple[Any, int]
 
 
 class _Groups:
-    """Rows of a flat batch grouped by environment: ``(B, ...)`` -> ``(E, rows, last)``."""
+    """A flat batch's examples by environment: ``(B, ...)`` -> ``(E, n, ...)`` or ``(E, rows, last)``."""
 
     def __init__(self, env: Any, num_envs: int, n_ex: int | None) -> None:
         self.env, self.num_envs, self.n_ex = env, num_envs, n_ex
         if env is not None:  # environments of any sizes: zero-padded to the largest one
-            counts = tf.math.bincount(env, minlength=num_envs, maxlength=num_envs)
+            self.counts = tf.math.bincount(env, minlength=num_envs, maxlength=num_envs)
             self.order = tf.argsort(env, stable=True)
             sorted_env = tf.gather(env, self.order)
-            pos = tf.range(tf.shape(env)[0]) - tf.gather(tf.cumsum(counts, exclusive=True), sorted_env)
+            pos = tf.range(tf.shape(env)[0]) - tf.gather(tf.cumsum(self.counts, exclusive=True), sorted_env)
             self.index = tf.stack([sorted_env, pos], axis=1)
-            self.rows = tf.reduce_max(counts)
+            self.rows = tf.reduce_max(self.counts)
 
     def __call__(self, t: Any) -> Any:
-        t = tf.reshape(t, (t.shape[0], -1, t.shape[-1]))
+        """``(B, ..., last)`` -> ``(E, rows, last)``: every position of an example a row."""
+        rows = self.examples(tf.reshape(t, (t.shape[0], -1, t.shape[-1])))
+        return tf.reshape(rows, (self.num_envs, -1, t.shape[-1]))
+
+    def examples(self, t: Any) -> Any:
+        """``(B, ...)`` -> ``(E, n, ...)`` (with ids: ``n`` the largest environment, padded with zeros)."""
+        rest = [n if n is not None else tf.shape(t)[k + 1] for k, n in enumerate(t.shape[1:])]
         if self.env is None:
-            return tf.reshape(t, (self.num_envs, -1, t.shape[-1]))
+            return tf.reshape(t, [self.num_envs, self.n_ex, *rest])
         shape = tf.concat([[self.num_envs, self.rows], tf.shape(t)[1:]], axis=0)
         padded = tf.scatter_nd(self.index, tf.gather(t, self.order), shape)
-        return tf.reshape(padded, (self.num_envs, -1, t.shape[-1]))
+        return tf.reshape(padded, [self.num_envs, -1, *rest])
 
     def split(self, t: Any) -> list[Any]:
         return tf.dynamic_partition(t, self.env, self.num_envs)
@@ -246,14 +205,28 @@ def factored_statistics(
     of ``chunk_size`` environments; no per-example gradient at all when every
     environment is one example).
 
-    Supported: Keras 3 ``keras.layers.Dense`` (any activation, with or
-    without bias; not a subclass overriding ``call``, not LoRA, not quantized)
-    called on inputs whose axis 0 is the examples. Every other variable
-    (``LayerNormalization``, ``Conv2D``, ``Embedding``, ...) falls back: with
+    Supported (Keras 3, not a subclass overriding ``call``, not LoRA, not
+    quantized, called on inputs whose axis 0 is the examples):
+    ``keras.layers.Dense`` (any activation, with or without bias);
+    ``Conv1D``/``Conv2D``/``Conv3D`` with ``data_format="channels_last"``
+    (``"valid"``, ``"same"`` or ``"causal"`` padding, strides, dilation,
+    groups), whose kernel's per-environment gradients come from TensorFlow's
+    own weight-gradient op (``Conv2DBackpropFilter``,
+    ``Conv3DBackpropFilterV2``) per environment; ``BatchNormalization``
+    (``gamma``, ``beta``). Every other variable (``LayerNormalization``,
+    ``Conv2DTranspose``, ``Embedding``, ...) falls back: with
     ``fallback="vectorized"`` its per-environment gradients come from
     ``tape.jacobian`` of the losses (about E backward passes); with
-    ``fallback="error"`` a ``ValueError`` lists them. Examples must not
-    interact, so a trainable ``BatchNormalization`` in training mode raises.
+    ``fallback="error"`` a ``ValueError`` lists them.
+
+    A trainable ``BatchNormalization`` in training mode normalises each
+    environment with that environment's own batch statistics (per channel, the
+    mean and biased variance over its examples and positions) and updates its
+    moving statistics once per environment in environment order, as one
+    forward pass per environment (``method="streaming"``) does; a layer called
+    more than once per forward pass is updated call by call. In training
+    mode ``renorm=True``, ``synchronized=True``, a subclass with its own
+    ``call`` or a mask raise ``ValueError``.
 
     Args:
         model: a Keras model (or layer), called as ``model(x, training=training)``.
@@ -346,11 +319,11 @@ def factored_statistics(
             )
     flat_vars = flat_variables(variables)
     unscale = unscale_factor(loss_scale)
-    _check_batch_norm(model, training)
+    norms = batch_norms(model, training)  # raises for one it cannot split per environment
 
     if env_ids is None:
         batch = n_env * n_ex
-        flat_x = tf.nest.pack_sequence_as(inputs, [tf.reshape(t, (batch, *t.shape[2:])) for t in x_leaves])
+        flat_x = tf.nest.pack_sequence_as(inputs, [_merge_leading(t, batch) for t in x_leaves])
         groups = _Groups(None, n_env, n_ex)
     else:
         batch = n_env
@@ -358,22 +331,26 @@ def factored_statistics(
         flat_x = inputs
         groups = _Groups(env, n_env, None)
 
-    wanted = {_key(v) for v in flat_vars}
-    supported = [
-        layer
-        for layer in _layers(model)
-        if _supported(layer) and any(_key(v) in wanted for v in layer.trainable_variables)
-    ]
-    supported = list({id(m): m for m in supported}.values())
-    calls: list[_Call] = []
+    wanted = {key(v) for v in flat_vars}
+    layers = all_layers(model)
+    is_wanted = lambda layer: any(key(v) in wanted for v in layer.trainable_variables)  # noqa: E731
+    recorded = [layer for layer in layers if supported(layer) and is_wanted(layer)]
+    # every BatchNormalization in training mode (its examples must not interact), and in inference
+    # mode those whose gamma or beta are wanted (factored then, not by the fallback)
+    norms += [layer for layer in layers if plain_batch_norm(layer) and is_wanted(layer)]
+    norms = list({id(m): m for m in norms}.values())
+    recorded = list({id(m): m for m in recorded}.values())
+    calls: list[Call] = []
     bad: set[int] = set()
     with tf.GradientTape(persistent=True) as tape:
-        for layer in supported:
-            object.__setattr__(layer, "call", _recording_call(layer, calls, bad, batch))
+        for layer in recorded:
+            object.__setattr__(layer, "call", recording_call(layer, calls, bad, batch))
+        for layer in norms:
+            object.__setattr__(layer, "call", recording_batch_norm(layer, groups, calls, bad, batch))
         try:
             out = model(flat_x, training=training)
         finally:
-            for layer in supported:
+            for layer in (*recorded, *norms):
                 object.__delattr__(layer, "call")
         out_leaves = tf.nest.flatten(out)
         for t in out_leaves:
@@ -388,20 +365,20 @@ def factored_statistics(
 
     owner: dict[int, tuple[Any, str]] = {}
     called = {id(c.layer) for c in calls}
-    for layer in supported:
+    for layer in (*recorded, *norms):
         if id(layer) in called and id(layer) not in bad:
-            owner[_key(layer.kernel)] = (layer, "kernel")
-            if layer.bias is not None:
-                owner[_key(layer.bias)] = (layer, "bias")
-    rest = [k for k, v in enumerate(flat_vars) if _key(v) not in owner]
+            for v, kind in _factored_variables(layer):
+                owner[key(v)] = (layer, kind)
+    rest = [k for k, v in enumerate(flat_vars) if key(v) not in owner]
     if rest and fallback == "error":
         listed = [
             f"{getattr(flat_vars[k], 'path', None) or flat_vars[k].name} {tuple(flat_vars[k].shape)}"
             for k in rest
         ]
         raise ValueError(
-            f"factored_statistics handles the variables of keras.layers.Dense layers called on "
-            f"batch-first inputs; these variables are outside them: {listed}. Pass "
+            f"factored_statistics handles the variables of keras.layers.Dense, Conv1D/Conv2D/Conv3D "
+            f"(channels_last) and BatchNormalization layers called on batch-first inputs; these "
+            f"variables are outside them: {listed}. Pass "
             f"fallback='vectorized' (per-environment gradients by tape.jacobian) or use "
             f"vectorized_statistics"
         )
@@ -422,8 +399,8 @@ def factored_statistics(
     deltas = tape.gradient(total, [c.z for c in needed]) if needed else []
     del tape
     for k, v in enumerate(flat_vars):
-        if _key(v) in owner:
-            layer, kind = owner[_key(v)]
+        if key(v) in owner:
+            layer, kind = owner[key(v)]
             parts = [(c, d) for c, d in zip(needed, deltas) if c.layer is layer and d is not None]
             if parts:  # else the layer's output does not reach the loss: no gradient
                 # the engine checks "raise" itself on its (E times smaller) statistics, in a graph
@@ -432,6 +409,31 @@ def factored_statistics(
                     v, kind, parts, groups, combiner, chunk_size, nan_policy, unscale
                 )
     return scaled(losses, unscale), _checked(stats) if graph_check else stats
+
+
+def _factored_variables(layer: Any) -> list[tuple[Any, str]]:
+    """A recorded layer's variables and what each is: ``"kernel"``, ``"bias"`` or ``"scale"`` (γ)."""
+    if plain_batch_norm(layer):
+        pairs = [(layer.gamma, "scale"), (layer.beta, "bias")]
+    else:
+        pairs = [(layer.kernel, "kernel"), (layer.bias, "bias")]
+    return [(v, kind) for v, kind in pairs if v is not None]
+
+
+def _factors(layer: Any, kind: str, x: Any, d: Any, groups: _Groups) -> gradand.LayerFactors:
+    """One call's :class:`gradand.LayerFactors` for the core: ``X`` and ``Δ`` by environment."""
+    norm = plain_batch_norm(layer)
+    if kind == "bias":  # Σ Δ over examples and positions: rows = examples x positions, channels last
+        if norm and layer.axis % d.shape.rank != d.shape.rank - 1:
+            d = tf.experimental.numpy.moveaxis(d, layer.axis, -1)
+        return gradand.LayerFactors(None, groups(d))
+    if kind == "scale":  # γ: Σ Δ ⊙ x̂ per channel
+        return gradand.LayerFactors(
+            groups.examples(x), groups.examples(d), scale_gradient(layer.axis % x.shape.rank)
+        )
+    if is_conv(layer):  # raw inputs per environment and TensorFlow's weight-gradient op
+        return gradand.LayerFactors(groups.examples(x), groups.examples(d), conv_gradient(layer))
+    return gradand.LayerFactors(groups(x), groups(d))
 
 
 def _layer_statistics(
@@ -447,10 +449,7 @@ def _layer_statistics(
     """Hand one variable's ``X`` and ``Δ`` (per call of its layer, grouped by environment) to the core."""
     dtype = tf.as_dtype(v.dtype)
     cast = lambda t: t if t.dtype == dtype else tf.cast(t, dtype)  # noqa: E731
-    factors = [
-        gradand.LayerFactors(groups(cast(c.x)) if kind == "kernel" else None, groups(cast(d)))
-        for c, d in parts
-    ]
+    factors = [_factors(c.layer, kind, cast(c.x), cast(d), groups) for c, d in parts]
     scale = None if isinstance(unscale, float) and unscale == 1.0 else tf.cast(1.0 / unscale, dtype)
     return gradand.layer_statistics(
         factors,
@@ -490,6 +489,12 @@ def _checked(stats: list[Statistics | None]) -> list[Statistics | None]:
     flag = xp.gradand_check_finite(flag, "a per-environment gradient")
     with tf.control_dependencies([flag]):
         return [None if s is None or s.mean is None else s.replace(mean=tf.identity(s.mean)) for s in stats]
+
+
+def _merge_leading(t: Any, batch: int) -> Any:
+    """``(E, n, ...)`` -> ``(E·n, ...)``, sizes unknown until run time kept dynamic (images of any size)."""
+    rest = [n if n is not None else tf.shape(t)[k + 2] for k, n in enumerate(t.shape[2:])]
+    return tf.reshape(t, [batch, *rest])
 
 
 def _check_flat(name: str, data: Any) -> list[Any]:

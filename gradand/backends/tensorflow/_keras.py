@@ -45,6 +45,7 @@ import tensorflow as tf
 import gradand
 from gradand import Combiner
 from gradand._namespace import NAN_POLICIES
+from gradand.backends.tensorflow._batchnorm import check_vectorized
 from gradand.backends.tensorflow._common import METHODS, check_method, replicas
 from gradand.backends.tensorflow._entry import finish
 from gradand.backends.tensorflow._sources import fold_statistics, vectorized_statistics
@@ -145,8 +146,10 @@ class EnvironmentTrainStep:
         num_environments: set it to train on batches ``(x, y, environment)``
             with an integer environment index per example instead of an axis.
         method: ``"streaming"`` (one forward/backward pass per environment; memory
-            independent of E) or ``"vectorized"`` (``tf.vectorized_map`` over the
-            environment axis; needs an axis).
+            independent of E; a ``BatchNormalization`` normalises each environment
+            by itself) or ``"vectorized"`` (``tf.vectorized_map`` over the
+            environment axis; needs an axis; refuses a trainable ``BatchNormalization``,
+            whose moving statistics it cannot update per environment).
         nan_policy: ``"raise"``, ``"zero"`` or ``"propagate"``. With a
             ``keras.optimizers.LossScaleOptimizer`` use ``"propagate"``, so
             that it sees overflowing steps and skips them.
@@ -376,6 +379,7 @@ class EnvironmentTrainStep:
             )
         variables = self.trainable_variables
         if self.method == "vectorized":
+            check_vectorized(self, training=True)
             stats, x_all, y_all, sw_all, y_pred, losses = self._vectorized(x, y, sample_weight, variables)
             mean_loss = tf.reduce_mean(losses)
         else:
