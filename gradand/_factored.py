@@ -143,6 +143,7 @@ def layer_statistics(
     nan_policy: NanPolicy = "raise",
     name: str = "parameter",
     xp: Any = None,
+    _defer_check: bool = False,
 ) -> Statistics:
     """Statistics of one parameter's per-environment gradients, from its layers' ``X`` and ``Δ``.
 
@@ -206,6 +207,9 @@ def layer_statistics(
     shape = tuple(int(n) for n in shape)
     try:
         s = _statistics(factors, combiner, shape, layout, chunk_size, scale, nan_policy, envs, xp)
+        if nan_policy == "raise" and not _defer_check and s.mean is not None:
+            # the checked mean is kept: in a traced graph (tf.function) the check is on the data path
+            s = s.replace(mean=apply_nan_policy(s.mean, xp, "raise", "a per-environment gradient"))
     except ValueError as err:
         raise ValueError(f"{name} (shape {shape}): {err}") from None
     return s
@@ -283,9 +287,6 @@ def _statistics(
         out = fold.result()
     if out.dtype != dtype:
         out = out.replace(dtype=dtype)
-    if nan_policy == "raise" and out.mean is not None:
-        # the checked mean is kept: in a traced graph (tf.function) the check is on the data path
-        out = out.replace(mean=apply_nan_policy(out.mean, xp, "raise", "a per-environment gradient"))
     return out
 
 

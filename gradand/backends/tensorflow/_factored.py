@@ -403,10 +403,10 @@ def factored_statistics(
             layer, kind = owner[key(v)]
             parts = [(c, d) for c, d in zip(needed, deltas) if c.layer is layer and d is not None]
             if parts:  # else the layer's output does not reach the loss: no gradient
-                # the engine checks "raise" itself on its (E times smaller) statistics, in a graph
-                # with check_numerics on the data path, and skips clearing NaN votes
+                # the engine computes "raise" as checked later (no NaN votes cleared) and checks
+                # eagerly itself; in a graph _checked puts one check_numerics on the data path
                 stats[k] = _layer_statistics(
-                    v, kind, parts, groups, combiner, chunk_size, nan_policy, unscale
+                    v, kind, parts, groups, combiner, chunk_size, nan_policy, unscale, graph_check
                 )
     return scaled(losses, unscale), _checked(stats) if graph_check else stats
 
@@ -445,6 +445,7 @@ def _layer_statistics(
     chunk_size: Any,
     policy: Any,
     unscale: Any,
+    defer_check: bool = False,
 ) -> Statistics:
     """Hand one variable's ``X`` and ``Δ`` (per call of its layer, grouped by environment) to the core."""
     dtype = tf.as_dtype(v.dtype)
@@ -461,6 +462,7 @@ def _layer_statistics(
         nan_policy=policy,
         name=f"variable {getattr(v, 'path', None) or v.name!r}",
         xp=xp,
+        _defer_check=defer_check,  # in a graph: one check_numerics of all the means (_checked)
     )
 
 

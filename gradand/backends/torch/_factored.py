@@ -23,6 +23,7 @@ import torch
 from torch.func import vmap
 
 import gradand
+from gradand._namespace import apply_nan_policy
 from gradand.backends.torch._batchnorm import per_environment_batch_norm, plain_batch_norms
 from gradand.backends.torch._common import (
     XP,
@@ -406,11 +407,30 @@ def factored_statistics(
         one_row = len(factors) == 1 and factors[0].deltas.shape[1] == 1  # the core's outer path: one chunk
         chunk = chunk_size or (None if one_row else _auto_chunk(p, n_env))
         stats[id(p)] = gradand.layer_statistics(
-            factors, combiner, shape=tuple(p.shape), chunk_size=chunk,
-            scale=scale, nan_policy=policy, name=f"parameter {names[id(p)]!r}", xp=xp,
+            factors, combiner, shape=tuple(p.shape), chunk_size=chunk, scale=scale,
+            nan_policy=policy, name=f"parameter {names[id(p)]!r}", xp=xp, _defer_check=True,
         )  # fmt: skip
         factors = None
+    if policy == "raise":
+        _check_means([(names[id(p)], p, stats[id(p)]) for _, p in named if id(p) in factored])
     return losses.detach(), [stats[id(p)] for _, p in named]
+
+
+def _check_means(items: list[tuple[str, torch.Tensor, gradand.Statistics]]) -> None:
+    """``nan_policy="raise"`` for the factored parameters: one sum over all their means (one sync).
+
+    A finite total has no NaN/Inf term; otherwise each mean is checked to name the parameter (an
+    overflow of finite values is then no error).
+    """
+    means = [s.mean for _, _, s in items if s.mean is not None]
+    if not means or bool(torch.isfinite(torch.stack([m.sum() for m in means]).sum())):
+        return
+    for name, p, s in items:
+        if s.mean is not None:
+            try:
+                apply_nan_policy(s.mean, XP, "raise", "a per-environment gradient")
+            except ValueError as err:
+                raise ValueError(f"parameter {name!r} (shape {tuple(p.shape)}): {err}") from None
 
 
 def _check_other_batch_norms(model: torch.nn.Module, plain: list[torch.nn.Module]) -> None:
