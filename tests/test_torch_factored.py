@@ -450,3 +450,47 @@ def test_outer_sign_votes_through_the_integer_product_equal_the_numpy_core(in_ou
     want = outer_statistics(x, d, c, nan_policy="propagate", _in_out=in_out)
     assert got.sign_sum.dtype == torch.int32
     np.testing.assert_array_equal(got.sign_sum.numpy(), want.sign_sum)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "outputs", "targets"),
+    [
+        (F.cross_entropy, (3, 4, 5), "classes"),
+        (F.cross_entropy, (3, 4, 5, 6), "classes"),
+        (F.cross_entropy, (3, 4, 5), "probabilities"),
+        (F.nll_loss, (3, 4, 5), "classes, one ignored"),
+        (F.binary_cross_entropy_with_logits, (3, 4, 2), "like outputs"),
+        (F.mse_loss, (3, 4, 2), "like outputs"),
+        (F.mse_loss, (3, 4, 1), "broadcast"),
+        (F.huber_loss, (3, 4), "like outputs"),
+        (F.l1_loss, (3, 4, 2), "like outputs"),
+    ],
+)
+def test_per_environment_losses_of_known_losses_equal_one_call_per_environment(loss_fn, outputs, targets):
+    """The unreduced fast path (or its fallback): each environment's loss and its gradient."""
+    import warnings
+
+    from gradand.backends.torch._factored import _env_losses
+
+    g = torch.Generator().manual_seed(8)
+    o = torch.randn(*outputs, generator=g, dtype=torch.float64, requires_grad=True)
+    if targets.startswith("classes"):
+        shape = (outputs[0], outputs[1], *outputs[3:])
+        t = torch.randint(0, outputs[2], shape, generator=g)
+        if "ignored" in targets:
+            t[:, 1] = -100
+    elif targets == "probabilities":
+        t = torch.softmax(torch.randn(*outputs, generator=g, dtype=torch.float64), -1)
+    elif targets == "broadcast":
+        t = torch.randn(*outputs[:2], generator=g, dtype=torch.float64)
+    else:
+        t = torch.rand(*outputs, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mse_loss warns about broadcasting, as it should
+        got = _env_losses(loss_fn, o, t)
+        want = torch.stack([loss_fn(o[e], t[e]) for e in range(o.shape[0])])
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-12)
+    (g1,) = torch.autograd.grad(got.sum(), o)
+    (g2,) = torch.autograd.grad(want.sum(), o)
+    np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-12, atol=1e-15)
+

@@ -42,6 +42,7 @@ from gradand.backends.torch._vectorized import _chunks, environment_batches
 __all__ = ["FACTORED_LAYERS", "factored_statistics"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+F = torch.nn.functional
 
 #: Layer types whose parameters the factored strategy handles without
 #: per-environment backward passes (exact types or subclasses that keep the
@@ -527,8 +528,36 @@ def _check_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
+#: PyTorch's losses that are a mean of per-element terms (``reduction="mean"``): each environment's
+#: loss is then the mean of its slice of one ``reduction="none"`` call, with the same gradient.
+_ELEMENTWISE_MEAN_LOSSES = frozenset({
+    F.binary_cross_entropy_with_logits, F.binary_cross_entropy, F.mse_loss, F.l1_loss,
+    F.smooth_l1_loss, F.huber_loss, F.cross_entropy, F.nll_loss,
+})  # fmt: skip
+_CLASS_LOSSES = (F.cross_entropy, F.nll_loss)
+
+
+def _env_losses_by_elements(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> Any:
+    """``(E,)`` from one unreduced call of a known per-element loss, or ``None`` where that differs."""
+    if loss_fn not in _ELEMENTWISE_MEAN_LOSSES or outputs.ndim < 2 or targets.ndim < 2:
+        return None
+    if loss_fn in _CLASS_LOSSES:
+        if outputs.ndim < 3:  # (E, n, classes, ...) with class-index or probability targets
+            return None
+        if not targets.is_floating_point() and bool((targets == -100).any()):  # ignore_index
+            return None
+    elif outputs.shape != targets.shape:  # broadcasting would pair examples across environments
+        return None
+    n_env = outputs.shape[0]
+    per = loss_fn(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none")
+    return per.reshape(n_env, -1).mean(dim=1)
+
+
 def _env_losses(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``(E,)``: each environment's loss, vectorised when ``loss_fn`` allows it."""
+    fast = _env_losses_by_elements(loss_fn, outputs, targets)
+    if fast is not None:
+        return fast
     try:
         losses = vmap(lambda o, t: _check_loss(loss_fn(o, t)))(outputs, targets)
     except (ValueError, TypeError):
