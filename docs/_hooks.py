@@ -138,6 +138,7 @@ SECTIONS: dict[str, list[tuple[str, str, list[str]]]] = {
             "",
             ["environment_batches", "environment_losses", "environment_hessians"],
         ),
+        ("Constants", "", ["FACTORED_LAYERS"]),
     ],
 }
 

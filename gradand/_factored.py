@@ -1,10 +1,11 @@
 """The factored engine: per-environment statistics of a parameter from its layer's inputs and outputs.
 
-For a dense layer ``y = x Wᵀ (+ b)`` (and a convolution, whose inputs are
-unfolded into patches), environment ``e``'s weight gradient is
+For a dense layer ``y = x Wᵀ (+ b)``, environment ``e``'s weight gradient is
 ``G_e = Δ_eᵀ X_e`` and its bias gradient ``Σ_rows Δ_e``, where ``X_e`` are
 the layer's inputs on that environment's rows and ``Δ_e`` the gradients of
-that environment's loss at the layer's output. One forward and one backward
+that environment's loss at the layer's output; for a convolution (or a
+BatchNorm scale) the backend hands over the framework's own weight-gradient
+op of ``X_e`` and ``Δ_e`` (``LayerFactors.gradient``). One forward and one backward
 pass of the whole batch give every ``X`` and ``Δ``; this module turns them into
 the core's :class:`~gradand.Statistics` — one batched product per chunk of
 environments, the outer-product path when every environment is one example,

@@ -415,23 +415,27 @@ def _intercept(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> A
     return _intercept_dense(next_fun, args, kwargs, context)
 
 
+def _plain_flax_call(m: Any, cls: type, args: tuple, kwargs: dict, *custom: str) -> bool:
+    """Whether ``m`` is ``cls`` with flax's own ``__call__``, none of the ``custom`` attributes set,
+    its kernel created, and called on one positional input: a call the factored path can tap."""
+    return (
+        isinstance(m, cls)
+        and type(m).__call__ is cls.__call__
+        and all(getattr(m, name, None) is None for name in custom)
+        and not m.is_initializing()
+        and len(args) == 1
+        and not kwargs
+        and m.has_variable("params", "kernel")
+    )
+
+
 def _intercept_dense(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
     import flax.linen as nn
     from flax.linen.dtypes import promote_dtype
 
     m = context.module
     trace = _current()
-    if (
-        trace is None
-        or not isinstance(m, nn.Dense)
-        or type(m).__call__ is not nn.Dense.__call__
-        or getattr(m, "dot_general", None) is not None
-        or getattr(m, "dot_general_cls", None) is not None
-        or m.is_initializing()
-        or len(args) != 1
-        or kwargs
-        or not m.has_variable("params", "kernel")
-    ):
+    if trace is None or not _plain_flax_call(m, nn.Dense, args, kwargs, "dot_general", "dot_general_cls"):
         return next_fun(*args, **kwargs)
     x = jnp.asarray(args[0])
     if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
@@ -462,17 +466,8 @@ def _intercept_conv(next_fun: Callable, args: tuple, kwargs: dict, context: Any)
     trace = _current()
     kernel_size = (m.kernel_size,) if isinstance(m.kernel_size, int) else tuple(m.kernel_size)
     spatial = len(kernel_size)
-    if (
-        trace is None
-        or type(m).__call__ is not nn.Conv.__call__
-        or m.mask is not None
-        or getattr(m, "conv_general_dilated", None) is not None
-        or getattr(m, "conv_general_dilated_cls", None) is not None
-        or m.is_initializing()
-        or len(args) != 1
-        or kwargs
-        or not m.has_variable("params", "kernel")
-    ):
+    custom = ("mask", "conv_general_dilated", "conv_general_dilated_cls")
+    if trace is None or not _plain_flax_call(m, nn.Conv, args, kwargs, *custom):
         return next_fun(*args, **kwargs)
     x = jnp.asarray(args[0])
     kernel = m.get_variable("params", "kernel")

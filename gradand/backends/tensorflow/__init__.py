@@ -75,13 +75,14 @@ from gradand.backends.tensorflow._deprecated import (  # noqa: E402, F401 (depre
     factored_gradients,
 )
 from gradand.backends.tensorflow._entry import gradient, model_gradient  # noqa: E402
-from gradand.backends.tensorflow._factored import factored_statistics  # noqa: E402
+from gradand.backends.tensorflow._factored import FACTORED_LAYERS, factored_statistics  # noqa: E402
 from gradand.backends.tensorflow._keras import EnvironmentModel, EnvironmentTrainStep  # noqa: E402
 from gradand.backends.tensorflow._optimizer import TemporalAndMask  # noqa: E402
 from gradand.backends.tensorflow._sink import finalize_gradients  # noqa: E402
 from gradand.backends.tensorflow._sources import streaming_statistics, vectorized_statistics  # noqa: E402
 
 __all__ = [
+    "FACTORED_LAYERS",
     "EnvironmentModel",
     "EnvironmentTrainStep",
     "TemporalAndMask",

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 import gradand
@@ -48,7 +49,16 @@ from gradand.backends.tensorflow._layers import (
     supported,
 )
 
-__all__ = ["factored_statistics"]
+__all__ = ["FACTORED_LAYERS", "factored_statistics"]
+
+#: Layer types whose variables the factored path handles without per-environment backward
+#: passes (layers that keep Keras' own ``call``; convolutions channels_last; a trainable
+#: ``BatchNormalization`` in training mode with per-environment batch statistics). Every other
+#: variable falls back (``fallback=``).
+FACTORED_LAYERS: tuple[type, ...] = (
+    keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+    keras.layers.BatchNormalization,
+)  # fmt: skip
 
 
 def _check_data(name: str, data: Any) -> tuple[list[Any], int, int]:
