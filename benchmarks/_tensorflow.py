@@ -1,8 +1,8 @@
 """TensorFlow strategies: a plain ``tf.function`` step, ``gradient(method="streaming")``
 (labelled by its old name, which tests/test_benchmarks.py expects), ``vectorized_statistics``
-and (but for the cnn workload) ``factored_statistics``, each inside ``tf.function`` with a
-Keras model and Adam. A gradand strategy whose backend refuses the model (``ValueError``,
-e.g. BatchNorm in training mode on the factored path) is left out (``_common.accepted``)."""
+and ``factored_statistics``, each inside ``tf.function`` with a Keras model and Adam. A
+gradand strategy whose backend refuses the model (``ValueError``, e.g. BatchNorm in training
+mode under ``vectorized_statistics``) is left out (``_common.accepted``)."""
 
 from __future__ import annotations
 
@@ -125,9 +125,8 @@ def strategies(w: Workload, device: str, only: str | None = None) -> dict[str, C
 
         return step
 
-    def vectorized() -> Callable[[], object]:  # BatchNormalization (resnet): each environment normalised by
-        # its own batch statistics under tf.vectorized_map, as in the loop; its moving statistics (unused
-        # in training mode) receive one environment's update, not one per environment
+    def vectorized() -> Callable[[], object]:  # refused for the resnet: its BatchNormalization layers
+        # write their moving statistics, which tf.vectorized_map cannot do once per environment
         model, opt = model_for(w), keras.optimizers.Adam(1e-3)
         variables = model.trainable_variables
 
@@ -164,10 +163,8 @@ def strategies(w: Workload, device: str, only: str | None = None) -> dict[str, C
         PLAIN: plain,
         'gradand combined_gradients(method="loop")': loop,
         "gradand vectorized_statistics": vectorized,
+        "gradand factored_statistics": factored,
     }
-    if w.model != "cnn":  # Dense layers factored, the other variables (Conv2D) by the fallback; left
-        # out for the cnn, as before (its one Dense layer is all it would factor)
-        builders["gradand factored_statistics"] = factored
     out = {name: build() for name, build in builders.items() if only is None or name == only}
     return accepted("tensorflow", w, out, lambda name, step: sync(step()))
 

@@ -307,6 +307,52 @@ def test_vectorized_statistics_rejects_environments_of_different_counts():
         )  # fmt: skip
 
 
+def _bn_net():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                             keras.layers.Dense(1)])  # fmt: skip
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("writer", ["batchnorm", "counter", "nested tf.function", "tf.cond"])
+def test_vectorized_statistics_refuses_a_loss_fn_that_writes_variables(graph, writer):
+    """Under vectorized_map the environments' writes would collapse into one: refused, whatever writes."""
+    net, (x, y), counter = _bn_net(), _data(), tf.Variable(0.0)
+    bn = net.layers[1]
+
+    @tf.function
+    def bump():
+        counter.assign_add(1.0)
+
+    def loss(a, b):
+        out = net(a, training=writer == "batchnorm")
+        if writer == "counter":
+            counter.assign_add(1.0)
+        elif writer == "nested tf.function":
+            bump()
+        elif writer == "tf.cond":
+            tf.cond(tf.reduce_sum(a) > -1e9, lambda: counter.assign_add(1.0), lambda: counter.assign_sub(1.0))
+        return tf.reduce_mean((out - b) ** 2)
+
+    def run():
+        return gtf.vectorized_statistics(loss, net.trainable_variables, (tf.constant(x), tf.constant(y)),
+                                         gradand.AndMask())  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"loss_fn writes variables .*vectorized_map.*streaming_statistics"):
+        tf.function(run)() if graph else run()
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), 0.0)
+    assert counter.numpy() == 0.0
+
+
+def test_vectorized_statistics_accepts_batchnorm_in_inference_mode():
+    net, (x, y) = _bn_net(), _data()
+    _, stats = gtf.vectorized_statistics(
+        lambda a, b: tf.reduce_mean((net(a, training=False) - b) ** 2), net.trainable_variables,
+        (tf.constant(x), tf.constant(y)), gradand.AndMask(),
+    )  # fmt: skip
+    assert all(s is not None for s in stats[:2])
+
+
 @pytest.mark.parametrize("method", ["streaming", "vectorized"])
 def test_result_loss_is_the_mean_of_the_losses_and_summary_is_gradand_summarize(method):
     net, x, y = _net(), *_data()

@@ -71,6 +71,59 @@ def check_loss(loss: Any, where: str) -> Any:
     return loss
 
 
+#: Ops that write a resource variable. Under ``tf.vectorized_map`` the environments do not
+#: write one after another: each reads the same old value and one write is kept.
+_WRITES = frozenset({
+    "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "ResourceApplyGradientDescent",
+    "ResourceScatterUpdate", "ResourceScatterAdd", "ResourceScatterSub", "ResourceScatterMul",
+    "ResourceScatterDiv", "ResourceScatterMin", "ResourceScatterMax", "ResourceScatterNdUpdate",
+    "ResourceScatterNdAdd", "ResourceScatterNdSub", "ResourceStridedSliceAssign",
+})  # fmt: skip
+
+
+def _writes(ops: Any, graph: Any, seen: set[str]) -> list[str]:
+    """Names of the ops among ``ops`` (and the functions they call) that write a variable."""
+    found = []
+    for op in ops:
+        if op.type in _WRITES:
+            found.append(op.name)
+        for attr in ("f", "then_branch", "else_branch", "body", "cond"):
+            try:
+                fn = op.get_attr(attr)
+            except (ValueError, TypeError):
+                continue
+            name = getattr(fn, "name", None)
+            if not name or name in seen:
+                continue
+            seen.add(name)
+            inner = graph._get_function(name) if hasattr(graph, "_get_function") else None
+            body = getattr(getattr(inner, "graph", None), "get_operations", None)
+            if body is not None:
+                found += [f"{op.name}/{n}" for n in _writes(body(), inner.graph, seen)]
+            elif inner is not None and hasattr(inner, "definition"):
+                found += [f"{op.name}/{n.name}" for n in inner.definition.node_def if n.op in _WRITES]
+    return found
+
+
+def refuse_writes(graph: Any, first: int, where: str) -> None:
+    """Raise if the ops added to ``graph`` since its ``first``-th op write a variable.
+
+    For loss functions mapped over the environments by ``tf.vectorized_map``, where a
+    write (a ``BatchNormalization``'s moving statistics in training mode, a counter)
+    would be applied once, not once per environment.
+    """
+    written = _writes(graph.get_operations()[first:], graph, set())
+    if written:
+        shown = ", ".join(written[:3]) + (f" and {len(written) - 3} more" if len(written) > 3 else "")
+        raise ValueError(
+            f"{where} writes variables ({shown}), e.g. a BatchNormalization's moving statistics in "
+            f"training mode; under tf.vectorized_map the environments' writes are not applied one "
+            f"after another (one of them is kept). Use streaming_statistics (one pass per "
+            f"environment) or factored_statistics (BatchNormalization per environment), or call "
+            f"the model with training=False"
+        )
+
+
 def is_keras_loss(loss_fn: Any) -> bool:
     """A ``keras.losses.Loss`` object or a function of ``keras.losses``: called ``(targets, outputs)``."""
     if isinstance(loss_fn, keras.losses.Loss):

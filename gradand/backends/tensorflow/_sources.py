@@ -27,6 +27,7 @@ from gradand.backends.tensorflow._common import (
     check_tape,
     dense,
     flat_variables,
+    refuse_writes,
     scaled,
     unscale_factor,
 )
@@ -252,10 +253,13 @@ def vectorized_statistics(
     connected: list[bool] = []
 
     def per_environment(data: Any) -> Any:
+        graph = tf.compat.v1.get_default_graph()  # vectorized_map traces this function in a graph
+        first = len(graph.get_operations())
         with tf.GradientTape() as tape:
             out = source(*data) if isinstance(data, tuple) else source(data)
             loss, aux = out if has_aux else (out, ())
             loss = check_loss(loss, "loss_fn's result")
+        refuse_writes(graph, first, "loss_fn")
         grads = tape.gradient(loss, flat_vars, unconnected_gradients=_NONE)
         connected[:] = [g is not None for g in grads]  # known when this function is traced
         full = [tf.zeros(v.shape, v.dtype) if g is None else dense(g) for g, v in zip(grads, flat_vars)]
