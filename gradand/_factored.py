@@ -110,14 +110,15 @@ def _gradients(
     then come scaled as a :class:`Fold` sums them, at the cost of scaling ``Δ``, not ``Δᵀ X``.
     """
     g = None
+    whole = sl.start == 0 and sl.stop == factors[0].deltas.shape[0]  # no slicing op (traced graphs)
     for f in factors:
-        d = f.deltas[sl, ...]
+        d = f.deltas if whole else f.deltas[sl, ...]
         if seed is not None:
             d = d * seed
         if f.inputs is None:  # a bias: the sum of the output gradients over the rows
             gi = d[:, 0, ...] if d.shape[1] == 1 else xp.sum(d, axis=1)
         else:
-            x = f.inputs[sl, ...]
+            x = f.inputs if whole else f.inputs[sl, ...]
             if x.dtype != d.dtype:  # e.g. bfloat16 inputs recorded under autocast, float32 deltas
                 common = xp.result_type(x.dtype, d.dtype)
                 x, d = xp.astype(x, common), xp.astype(d, common)
@@ -258,7 +259,11 @@ def _statistics(
     for start in range(0, envs, chunk_size):
         sl = slice(start, min(start + chunk_size, envs))
         if outer:
-            x, d = first.inputs[sl, 0, :], first.deltas[sl, 0, :]
+            if sl.stop - sl.start == envs:  # one row per environment: a reshape, which graphs fold
+                x = xp.reshape(first.inputs, (envs, first.inputs.shape[-1]))
+                d = xp.reshape(first.deltas, (envs, first.deltas.shape[-1]))
+            else:
+                x, d = first.inputs[sl, 0, :], first.deltas[sl, 0, :]
             dtype = d.dtype
             if x.dtype != d.dtype:
                 x = xp.astype(x, xp.result_type(x.dtype, d.dtype))
@@ -276,7 +281,8 @@ def _statistics(
             dtype = g.dtype  # the update comes back in the gradients' dtype
             if scale is not None:
                 g = xp.astype(g, accumulation_dtype(g.dtype, xp)) / scale
-            g = xp.reshape(g, (g.shape[0], *shape))
+            if tuple(g.shape[1:]) != shape:
+                g = xp.reshape(g, (g.shape[0], *shape))
             if fold is None:  # one chunk: the dense statistics
                 out = _dense_statistics(g, combiner, 0, g.shape[0], policy, xp, later)
             elif unroll or g.shape[0] == 1:  # one environment at a time: sums the compiler fuses

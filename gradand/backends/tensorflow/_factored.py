@@ -172,6 +172,8 @@ class _Groups:
 
     def __call__(self, t: Any) -> Any:
         """``(B, ..., last)`` -> ``(E, rows, last)``: every position of an example a row."""
+        if self.env is None:  # the environments' examples are contiguous: one reshape
+            return tf.reshape(t, (self.num_envs, -1, t.shape[-1]))
         rows = self.examples(tf.reshape(t, (t.shape[0], -1, t.shape[-1])))
         return tf.reshape(rows, (self.num_envs, -1, t.shape[-1]))
 
