@@ -278,6 +278,17 @@ def test_batch_norm_with_env_ids_of_different_sizes():
     assert_same_state(m, streamed(model, [x[env == e] for e in range(3)], [y[env == e] for e in range(3)], c))
 
 
+@pytest.mark.parametrize("shape", [(7, 3), (7, 3, 5), (7, 2, 3, 4)])
+def test_per_environment_normalisation_backward_passes_gradcheck(shape):
+    """The hand-written backward of the per-environment normalisation equals autograd's numerical one."""
+    from gradand.backends.torch._batchnorm import _Normalize
+
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    env = torch.tensor([2, 0, 1, 0, 2, 1, 0])
+    n = (torch.bincount(env, minlength=3) * x[0, 0].numel()).to(x.dtype)[:, None]
+    assert torch.autograd.gradcheck(lambda t: _Normalize.apply(t, env, 3, n, 1e-5)[0], (x,))
+
+
 def test_batch_norm_in_eval_mode_is_factored_and_matches_oracle():
     model = bn_net().eval()
     x, y = torch.randn(4, 3, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4, 3))
