@@ -27,6 +27,7 @@ from gradand._namespace import (
     array_namespace,
     check_float,
     check_nan_policy,
+    transposed,
 )
 from gradand._outer import OUTER_STATISTICS, outer_statistics
 from gradand._stats import Fold, Statistics, _dense_statistics
@@ -125,11 +126,11 @@ def _gradients(
             if f.gradient is not None:  # the framework's weight-gradient op (a convolution)
                 gi = f.gradient(x, d)
             elif layout == "in_out":
-                gi = xp.matrix_transpose(x) @ d
+                gi = transposed(x, xp) @ d
             elif x.shape[-1] < d.shape[-1]:  # narrow inputs: the (in, out) product is faster on CPUs
-                gi = xp.matrix_transpose(xp.matrix_transpose(x) @ d)
+                gi = xp.matrix_transpose(transposed(x, xp) @ d)
             else:
-                gi = xp.matrix_transpose(d) @ x
+                gi = transposed(d, xp) @ x
         g = gi if g is None else g + gi
     return g
 

@@ -96,6 +96,17 @@ def check_float(x: Any, xp: Any, name: str) -> None:
         )
 
 
+def transposed(a: Any, xp: Any) -> Any:
+    """``a`` with its last two axes swapped, for a matrix product.
+
+    A namespace may supply ``gradand_matrix_transpose`` (JAX on CPU: XLA multiplies a
+    transposed operand nearly twice as slowly as one laid out as transposed, so its hook
+    makes the transpose a real one).
+    """
+    hook = getattr(xp, "gradand_matrix_transpose", None)
+    return hook(a) if hook is not None else xp.matrix_transpose(a)
+
+
 class HookedNamespace:
     """An array namespace plus a backend's hooks for the core (``gradand_*`` attributes).
 
@@ -124,6 +135,7 @@ class HookedNamespace:
     gradand_add_into: Any = None  # (acc, v) -> acc + v written into acc (mutable arrays)
     gradand_sign_into: Any = None  # (g) -> sign(g) written into g, NaN casting no vote
     gradand_select: Any = None  # (mask, d) -> where(mask, d, d - d): masked +0, NaN and Inf kept NaN
+    gradand_matrix_transpose: Any = None  # (a) -> a's last two axes swapped, laid out for a product
 
     def __init__(self, base: Any) -> None:
         self._base = base

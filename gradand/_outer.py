@@ -27,6 +27,7 @@ from gradand._namespace import (
     array_namespace,
     check_float,
     check_nan_policy,
+    transposed,
 )
 from gradand._stats import Statistics, vote_signs
 
@@ -101,7 +102,7 @@ def outer_statistics(
     d, d_finite = apply_nan_policy(d, xp, nan_policy, "deltas", report=True)
     n = inputs.shape[0]
     # (out, in) = Δᵀ X; with _in_out the (in, out) = Xᵀ Δ of a kernel stored that way, no transpose
-    a, b = (xp.matrix_transpose(x), d) if _in_out else (xp.matrix_transpose(d), x)
+    a, b = (transposed(x, xp), d) if _in_out else (transposed(d, xp), x)
     values: dict[str, Any] = {}
     mean = None
     if "mean" in needed or "m2" in needed:

@@ -274,3 +274,13 @@ def test_markdown_has_one_table_row_per_result_row() -> None:
     text = bench.markdown(result)
     assert "| torch | mlp (E=2×3) | s | 1.50 | 1.25 |  |" in text
     assert "| 1.25 | 3.2 |" in text and "load average at start 0.5" in text
+
+
+def test_per_example_floor_script_reports_the_three_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    """The floor script runs (one round, two steps): it prints gradand's and the hand-written ratio."""
+    pytest.importorskip("torch")
+    floor = importlib.import_module("per_example_floor")
+    floor.main(["--rounds", "1", "--steps", "2"])
+    out = capsys.readouterr().out
+    for label in ("plain averaging", "gradand factored", "hand-written floor", "Adam on zero gradients"):
+        assert label in out

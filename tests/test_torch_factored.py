@@ -283,7 +283,8 @@ def test_per_environment_normalisation_backward_passes_gradcheck(shape):
     """The hand-written backward of the per-environment normalisation equals autograd's numerical one."""
     from gradand.backends.torch._batchnorm import _Normalize
 
-    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
     env = torch.tensor([2, 0, 1, 0, 2, 1, 0])
     n = (torch.bincount(env, minlength=3) * x[0, 0].numel()).to(x.dtype)[:, None]
     assert torch.autograd.gradcheck(lambda t: _Normalize.apply(t, env, 3, n, 1e-5)[0], (x,))

@@ -95,17 +95,27 @@ def _unrolled(g: jax.Array) -> bool:
 
 
 class _JaxNamespace(HookedNamespace):
-    """array-api-compat's JAX namespace, plus the core's hook for unrolled sums over environments.
+    """array-api-compat's JAX namespace, plus the core's hooks for XLA on CPU.
 
     ``gradand_unroll_environments(n)``: under ``jit`` on CPU with at most
     :data:`_UNROLL_ENVIRONMENTS` environments, XLA fuses a sum of per-environment terms several
     times faster than it reduces over the leading axis, so the core's factored engine folds the
-    environments one at a time there.
+    environments one at a time there. ``gradand_matrix_transpose``: the factored engine's
+    ``Xᵀ Δ`` products with the transpose laid out in memory (see the method).
     """
 
     @staticmethod
     def gradand_unroll_environments(n: int) -> bool:
         return 1 <= n <= _UNROLL_ENVIRONMENTS and jax.default_backend() == "cpu"
+
+    @staticmethod
+    def gradand_matrix_transpose(a: jax.Array) -> jax.Array:
+        """The transpose laid out as such on CPU (``optimization_barrier`` keeps XLA from folding
+        it into the product): XLA's CPU product over the leading axis of both operands,
+        ``Δᵀ X``, is 1.7x slower than over a transposed copy (150 vs 86 us at 128 x 256)."""
+        t = jnp.swapaxes(a, -1, -2)
+        # batched (E, rows, ·) products are as fast either way, and the barrier then costs fusion
+        return jax.lax.optimization_barrier(t) if t.ndim == 2 and jax.default_backend() == "cpu" else t
 
 
 #: The namespace the JAX backend hands the core.
