@@ -90,7 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=50, help="steps per strategy and round")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        _measure(args)
+    finally:  # called from another process's code (the tests): its thread count back
+        torch.set_num_threads(threads)
+
+
+def _measure(args: argparse.Namespace) -> None:
     w = _common.workloads(False)["per-example"]
     xs, ys = _common.data(w)
     x, y = torch.from_numpy(xs).reshape(w.envs, -1), torch.from_numpy(ys).reshape(w.envs, -1)

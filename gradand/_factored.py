@@ -261,8 +261,7 @@ def _statistics(
         sl = slice(start, min(start + chunk_size, envs))
         if outer:
             if sl.stop - sl.start == envs:  # one row per environment: a reshape, which graphs fold
-                x = xp.reshape(first.inputs, (envs, first.inputs.shape[-1]))
-                d = xp.reshape(first.deltas, (envs, first.deltas.shape[-1]))
+                x, d = xp.reshape(first.inputs, (envs, -1)), xp.reshape(first.deltas, (envs, -1))
             else:
                 x, d = first.inputs[sl, 0, :], first.deltas[sl, 0, :]
             dtype = d.dtype

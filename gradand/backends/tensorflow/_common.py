@@ -71,21 +71,18 @@ def check_loss(loss: Any, where: str) -> Any:
     return loss
 
 
-#: Ops that write a resource variable. Under ``tf.vectorized_map`` the environments do not
-#: write one after another: each reads the same old value and one write is kept.
-_WRITES = frozenset({
-    "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "ResourceApplyGradientDescent",
-    "ResourceScatterUpdate", "ResourceScatterAdd", "ResourceScatterSub", "ResourceScatterMul",
-    "ResourceScatterDiv", "ResourceScatterMin", "ResourceScatterMax", "ResourceScatterNdUpdate",
-    "ResourceScatterNdAdd", "ResourceScatterNdSub", "ResourceStridedSliceAssign",
-})  # fmt: skip
+#: Op types that write a resource variable (assignments, optimizer applies, scatters). Under
+#: ``tf.vectorized_map`` the environments do not write one after another: each reads the same old
+#: value and one write is kept.
+_WRITE_PREFIXES = ("Assign", "ResourceApply", "ResourceSparseApply", "ResourceScatter",
+                   "ResourceStridedSliceAssign")  # fmt: skip
 
 
 def _writes(ops: Any, graph: Any, seen: set[str]) -> list[str]:
     """Names of the ops among ``ops`` (and the functions they call) that write a variable."""
     found = []
     for op in ops:
-        if op.type in _WRITES:
+        if op.type.startswith(_WRITE_PREFIXES):
             found.append(op.name)
         for attr in ("f", "then_branch", "else_branch", "body", "cond"):
             try:
@@ -101,7 +98,8 @@ def _writes(ops: Any, graph: Any, seen: set[str]) -> list[str]:
             if body is not None:
                 found += [f"{op.name}/{n}" for n in _writes(body(), inner.graph, seen)]
             elif inner is not None and hasattr(inner, "definition"):
-                found += [f"{op.name}/{n.name}" for n in inner.definition.node_def if n.op in _WRITES]
+                nodes = inner.definition.node_def
+                found += [f"{op.name}/{n.name}" for n in nodes if n.op.startswith(_WRITE_PREFIXES)]
     return found
 
 
