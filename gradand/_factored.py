@@ -117,7 +117,12 @@ def _gradients(
         if seed is not None:
             d = d * seed
         if f.inputs is None:  # a bias: the sum of the output gradients over the rows
-            gi = d[:, 0, ...] if d.shape[1] == 1 else xp.sum(d, axis=1)
+            if d.shape[1] != 1:
+                gi = xp.sum(d, axis=1)
+            elif d.shape[0] is not None:  # the outer path's reshape of the same Δ (graphs share it)
+                gi = xp.reshape(d, (d.shape[0], -1))
+            else:
+                gi = d[:, 0, ...]
         else:
             x = f.inputs if whole else f.inputs[sl, ...]
             if x.dtype != d.dtype:  # e.g. bfloat16 inputs recorded under autocast, float32 deltas

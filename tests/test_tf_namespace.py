@@ -174,3 +174,45 @@ def test_finfo_and_isdtype_follow_the_array_api():
     assert xp.isdtype(tf.int64, ("bool", "integral"))
     with pytest.raises(TypeError, match="floating dtype; got int32"):
         xp.finfo(tf.int32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["float32", "float64", "float16", "bfloat16"]),
+    st.booleans(),
+)
+def test_select_hook_is_where_mask_d_d_minus_d(seed, dtype, graph):
+    """The namespace's ``gradand_select`` (a product, not ``SelectV2``) selects like the core's
+    ``where(mask, d, d - d)``, eagerly and in ``tf.function``: kept values bit for bit, masked
+    zero (a negative one may be -0.0, which equals 0.0), NaN and ±Inf NaN either way."""
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal(300) * 10.0 ** rng.integers(-40, 40, 300)
+    special = rng.random(300)
+    d[special < 0.1] = np.nan
+    d[(special >= 0.1) & (special < 0.15)] = np.inf
+    d[(special >= 0.15) & (special < 0.2)] = -np.inf
+    d[(special >= 0.2) & (special < 0.25)] = -0.0
+    t = tf.cast(tf.constant(d), getattr(tf, dtype))
+    mask = tf.constant(rng.random(300) < 0.5)
+    select = tf.function(gtf.xp.gradand_select) if graph else gtf.xp.gradand_select
+    got = select(mask, t)
+    want = tf.where(mask, t, t - t)
+    assert got.dtype == t.dtype
+    g, w = got.numpy().astype(np.float64), want.numpy().astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+    both = ~np.isnan(w)
+    np.testing.assert_array_equal(g[both], w[both])  # == : -0.0 equals 0.0
+    kept = mask.numpy() & both
+    np.testing.assert_array_equal(np.signbit(g[kept]), np.signbit(w[kept]))  # kept: the same bits
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_count_nonzero_counts_exactly_in_int64(graph):
+    x = np.random.default_rng(0).standard_normal((7, 300)) > 0.3
+    x[0] = False
+    count = tf.function(gtf.xp.count_nonzero) if graph else gtf.xp.count_nonzero
+    for arg, axis in [(x, None), (x, 0), (x, 1), (x.astype(np.float32), None)]:
+        got = count(tf.constant(arg), axis=axis)
+        assert got.dtype == tf.int64
+        np.testing.assert_array_equal(got.numpy(), np.count_nonzero(arg, axis=axis))

@@ -162,6 +162,7 @@ class _Groups:
 
     def __init__(self, env: Any, num_envs: int, n_ex: int | None) -> None:
         self.env, self.num_envs, self.n_ex = env, num_envs, n_ex
+        self._memo: dict[int, tuple[Any, Any]] = {}
         if env is not None:  # environments of any sizes: zero-padded to the largest one
             self.counts = tf.math.bincount(env, minlength=num_envs, maxlength=num_envs)
             self.order = tf.argsort(env, stable=True)
@@ -171,11 +172,21 @@ class _Groups:
             self.rows = tf.reduce_max(self.counts)
 
     def __call__(self, t: Any) -> Any:
-        """``(B, ..., last)`` -> ``(E, rows, last)``: every position of an example a row."""
+        """``(B, ..., last)`` -> ``(E, rows, last)``: every position of an example a row.
+
+        Memoised per tensor: a layer's kernel and bias get the same grouped ``Δ``, so the graph
+        holds one sign and one scaling of it, not one per variable.
+        """
+        hit = self._memo.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
         if self.env is None:  # the environments' examples are contiguous: one reshape
-            return tf.reshape(t, (self.num_envs, -1, t.shape[-1]))
-        rows = self.examples(tf.reshape(t, (t.shape[0], -1, t.shape[-1])))
-        return tf.reshape(rows, (self.num_envs, -1, t.shape[-1]))
+            out = tf.reshape(t, (self.num_envs, -1, t.shape[-1]))
+        else:
+            rows = self.examples(tf.reshape(t, (t.shape[0], -1, t.shape[-1])))
+            out = tf.reshape(rows, (self.num_envs, -1, t.shape[-1]))
+        self._memo[id(t)] = (t, out)
+        return out
 
     def examples(self, t: Any) -> Any:
         """``(B, ...)`` -> ``(E, n, ...)`` (with ids: ``n`` the largest environment, padded with zeros)."""
