@@ -168,6 +168,7 @@ def time_interleaved(
     baseline: str,
     target_s: float = 0.05,
     seed: int = 0,
+    group: Callable[[str], str] | None = None,
 ) -> dict[str, dict]:
     """Median seconds per step of each strategy, timed in interleaved rounds in a random order per round.
 
@@ -175,7 +176,10 @@ def time_interleaved(
     strategy once over ``steps_per_round`` consecutive steps (chosen so a round lasts about
     ``target_s`` per strategy). The ratio is the median over rounds of the strategy's time
     divided by the same round's ``baseline`` time (paired, so load that changes between
-    rounds cancels).
+    rounds cancels). ``group(name)``: strategies with the same group run the same number of
+    steps per round (the fewest of theirs), so that two revisions of one strategy are timed
+    alike: consecutive steps overlap dispatch with the previous step's work (JAX, TensorFlow),
+    so a round of 1 step costs more per step than a round of 2.
     """
     reps: dict[str, int] = {}
     for name, step in steps.items():
@@ -183,6 +187,11 @@ def time_interleaved(
         start = time.perf_counter()
         sync(step())
         reps[name] = max(1, min(20, int(target_s / max(time.perf_counter() - start, 1e-6))))
+    if group is not None:
+        fewest: dict[str, int] = {}
+        for name, n in reps.items():
+            fewest[group(name)] = min(n, fewest.get(group(name), n))
+        reps = {name: fewest[group(name)] for name in reps}
     times: dict[str, list[float]] = {name: [] for name in steps}
     rng = np.random.default_rng(seed)
     for _ in range(rounds):

@@ -78,7 +78,8 @@ def worker(args: argparse.Namespace) -> None:
         steps = {head.PLAIN: head_steps[head.PLAIN]}
         for n in shared:
             steps[f"head: {n}"], steps[f"base: {n}"] = head_steps[n], base_steps[n]
-        timed = time_interleaved(steps, head.sync, rounds=args.rounds, baseline=head.PLAIN)
+        timed = time_interleaved(steps, head.sync, rounds=args.rounds, baseline=head.PLAIN,
+                                 group=lambda name: name.split(": ", 1)[-1])  # fmt: skip
         for n in shared:
             h, b = timed[f"head: {n}"]["times_ms"], timed[f"base: {n}"]["times_ms"]
             ratios = sorted(x / y for x, y in zip(h, b))

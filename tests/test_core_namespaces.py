@@ -119,6 +119,49 @@ def test_torch_select_hook_is_where_mask_d_d_minus_d(seed, dtype):
     assert not torch.signbit(got[~mask & both]).any()  # masked: +0, never -0
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["float32", "float16", "bfloat16"]), st.booleans())
+def test_jax_vote_hook_is_sign_with_nan_casting_no_vote(seed, dtype, jitted):
+    """The JAX namespace's ``gradand_vote_signs`` (``copysign(|g| > 0, g)``, no ``where``) is
+    ``sign(g)`` with NaN mapped to 0: ±1 for ±Inf, 0 for ±0, eagerly and under ``jit``."""
+    _jnp()
+    import jax
+    import jax.numpy as jnp
+
+    from gradand.backends.jax._tree import XP
+
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal(300) * 10.0 ** rng.integers(-3, 3, 300)
+    special = rng.random(300)
+    d[special < 0.1] = np.nan
+    d[(special >= 0.1) & (special < 0.15)] = np.inf
+    d[(special >= 0.15) & (special < 0.2)] = -np.inf
+    d[(special >= 0.2) & (special < 0.25)] = -0.0
+    d[(special >= 0.25) & (special < 0.3)] = 0.0
+    g = jnp.asarray(d, dtype=getattr(jnp, dtype))
+    votes = jax.jit(XP.gradand_vote_signs) if jitted else XP.gradand_vote_signs
+    got = np.asarray(votes(g), dtype=np.float64)
+    want = np.nan_to_num(np.sign(np.asarray(g, dtype=np.float64)), nan=0.0)
+    np.testing.assert_array_equal(got, want)
+    assert votes(g).dtype == g.dtype
+
+
+def test_jax_jitted_statistics_count_the_other_votes_of_a_nan_component():
+    """Under ``jit`` (where "raise" cannot look at values) a NaN gradient casts no vote and the
+    other environments' votes on its component still count, as in the numpy core."""
+    _jnp()
+    import jax
+
+    from gradand.backends import jax as gj
+
+    g = np.array([[1.0, -2.0, 3.0], [np.nan, -1.0, 2.0], [4.0, np.nan, -1.0]], np.float32)
+    want = gradand.statistics(g, gradand.AndMask(0.5), nan_policy="propagate")
+    got = jax.jit(lambda t: gj.statistics({"w": t}, gradand.AndMask(0.5)))(g)["w"]
+    assert got.count == 3
+    np.testing.assert_array_equal(np.asarray(got.sign_sum), want.sign_sum)  # [1, -1, 2]
+    np.testing.assert_array_equal(np.isnan(np.asarray(got.mean)), np.isnan(want.mean))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_torch_half_precision_accumulates_in_float32_and_returns_its_dtype(dtype):
     torch = _torch()

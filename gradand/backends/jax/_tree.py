@@ -109,6 +109,15 @@ class _JaxNamespace(HookedNamespace):
         return 1 <= n <= _UNROLL_ENVIRONMENTS and jax.default_backend() == "cpu"
 
     @staticmethod
+    def gradand_vote_signs(g: jax.Array) -> jax.Array:
+        """``sign(g)`` with NaN casting no vote (0), in as many operations as ``sign`` alone: an
+        ordered ``|g| > 0`` is false for NaN. XLA fuses the whole sum of votes into each consumer
+        of the statistics (the survivor count, the selection, both Adam moments), so a ``where``
+        clearing NaN votes after ``sign`` costs once per environment per consumer: 1.24x the
+        fused sum of ``sign`` at 64 environments of 256 x 256, this 0.97x."""
+        return jnp.copysign((jnp.abs(g) > 0).astype(g.dtype), g)
+
+    @staticmethod
     def gradand_matrix_transpose(a: jax.Array) -> jax.Array:
         """The transpose laid out as such on CPU (``optimization_barrier`` keeps XLA from folding
         it into the product): XLA's CPU product over the leading axis of both operands,
@@ -139,12 +148,12 @@ def _leaf_statistics(g: jax.Array, combiner: Combiner, nan_policy: str, name: st
         # form, gradand.merge of each environment's statistics). Under jit "raise" cannot look
         # at the values anyway.
         policy = "propagate" if policy == "raise" else policy
-        fold = Fold(combiner, g.shape[0], nan_policy=policy)
+        fold = Fold(combiner, g.shape[0], nan_policy=policy, xp=XP)
         for e in range(g.shape[0]):
             fold.add(g[e])
         return fold.result()
     try:
-        return gradand.statistics(g, combiner, nan_policy=policy)
+        return gradand.statistics(g, combiner, nan_policy=policy, xp=XP)
     except ValueError as e:  # the core's eager NaN check, or an empty environment axis
         raise ValueError(f"{name}: {e}") from None
 
