@@ -160,10 +160,23 @@ def _stop(pool: cf.ProcessPoolExecutor) -> None:
     deadline = time.monotonic() + _STOP_GRACE_S
     for p in processes:
         with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
-            p.join(max(0.0, deadline - time.monotonic()))
+            _reap(p, deadline)
             if p.is_alive():
                 p.kill()
-                p.join(1.0)
+                _reap(p, time.monotonic() + _STOP_GRACE_S)
+
+
+def _reap(p: Any, until: float) -> None:
+    """Wait until ``p`` has exited and is reaped, or until ``until``.
+
+    ``join(timeout)`` alone can return with the process still alive: it waits for the process's
+    end of a pipe to close, which happens while the process is still exiting (a worker killed
+    while it starts up), and then polls once without blocking.
+    """
+    while p.is_alive() and time.monotonic() < until:
+        p.join(0.05)
+        if p.is_alive():
+            time.sleep(0.005)
 
 
 def run_jobs(
