@@ -130,6 +130,7 @@ class HookedNamespace:
     gradand_check_finite: Any = None
     gradand_check_is_exhaustive: bool = False
     gradand_dense_mean: Any = None
+    gradand_scaled_sum: Any = None  # (v, f) -> Σ over axis 0 of v·f, f a power of two (the fold's chunks)
     gradand_unroll_environments: Any = None
     gradand_sign_product: Any = None
     gradand_add_into: Any = None  # (acc, v) -> acc + v written into acc (mutable arrays)

@@ -496,6 +496,12 @@ class Fold:
 
     def _accumulate(self, key: str, v: Any, axis: int | None, n: int, xp: Any, seeded: bool) -> None:
         if self._scale is not None:  # a sum of exactly scaled terms
+            hook = getattr(xp, "gradand_scaled_sum", None)
+            if axis is not None and hook is not None and self._scale != 1.0 and not seeded:
+                # a namespace that scales the chunk's sum instead of its terms when that sum is
+                # finite (the same values: the factor is a power of two), lazily (TensorFlow)
+                self._put(key, hook(v, 1.0 / self._scale))
+                return
             term = v if self._scale == 1.0 or seeded else v * (1.0 / self._scale)
             self._put(key, term if axis is None else xp.sum(term, axis=0))
             return

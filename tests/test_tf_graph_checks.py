@@ -50,3 +50,33 @@ def test_the_dense_mean_in_a_graph_does_not_overflow_and_propagates_nan(size):
     assert np.isnan(out[3]) and np.isfinite(np.delete(out, 3)).all()
     small = np.arange(4 * size, dtype=np.float32).reshape(4, size)
     np.testing.assert_allclose(mean(tf.constant(small)).numpy(), small.mean(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("size", [16, 70000])  # the scaled pass, and the lazy branch
+def test_the_folded_chunks_scale_their_sum_only_when_it_is_finite(graph, size):
+    """The fold's chunks (the factored engine's batched products) are summed, then scaled by the
+    power of two, when that sum is finite: the same values as scaling every term; the scaled
+    terms when the plain sum overflows (1e38 gradients) or holds a NaN."""
+    from gradand._stats import Fold
+
+    def folded(a, policy):
+        fold = Fold(gradand.AndMask(0.5), expected=8, nan_policy=policy, xp=xp)
+        fold.add(a[:4], axis=0)
+        fold.add(a[4:], axis=0)
+        s = fold.result()
+        return s.mean, s.sign_sum
+
+    run = tf.function(folded, reduce_retracing=True) if graph else folded
+    rng = np.random.default_rng(size)
+    for g in (rng.standard_normal((8, size)).astype(np.float32), np.full((8, size), 1e38, np.float32)):
+        mean, votes = run(tf.constant(g), "raise" if graph else "propagate")
+        want = gradand.statistics(g, gradand.AndMask(0.5))
+        np.testing.assert_allclose(mean.numpy(), want.mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(votes.numpy(), want.sign_sum)
+    g = rng.standard_normal((8, size)).astype(np.float32)
+    g[5, 1] = np.nan
+    mean, votes = run(tf.constant(g), "propagate")
+    want = gradand.statistics(g, gradand.AndMask(0.5), nan_policy="propagate")
+    assert np.isnan(mean.numpy()[1]) and np.isfinite(np.delete(mean.numpy(), 1)).all()
+    np.testing.assert_array_equal(votes.numpy(), want.sign_sum)

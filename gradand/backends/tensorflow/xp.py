@@ -55,6 +55,7 @@ __all__ = [
     "gradand_check_finite",
     "gradand_check_is_exhaustive",
     "gradand_dense_mean",
+    "gradand_scaled_sum",
     "gradand_select",
     "int32",
     "int64",
@@ -322,6 +323,24 @@ def gradand_dense_mean(g: Any, axis: int, count: int, scale: float) -> tf.Tensor
         lambda: tf.reduce_sum(g / scale, axis=axis) / (count / scale),
     )
 
+
+def gradand_scaled_sum(v: Any, factor: float) -> tf.Tensor:
+    """The core's hook for a chunk's sum of terms scaled by a power of two (the fold of the
+    factored engine): ``Σ_axis0 v · factor``.
+
+    The plain sum times ``factor`` when that sum is finite (the same values: scaling by a
+    power of two is exact), else the sum of the scaled terms, which cannot overflow where the
+    terms do not, taken lazily by ``tf.cond``: the common case costs one reduction and a
+    pass over the (E times smaller) sum instead of a pass over every term.
+    """
+    if v.shape.num_elements() is not None and v.shape.num_elements() < _COND_WORTH:
+        return tf.reduce_sum(v * factor, axis=0)
+    total = tf.reduce_sum(v, axis=0)
+    return tf.cond(
+        tf.reduce_all(tf.math.is_finite(total)),
+        lambda: total * factor,
+        lambda: tf.reduce_sum(v * factor, axis=0),
+    )
 
 def gradand_select(mask: Any, direction: Any) -> tf.Tensor:
     """The core's hook for a hard mask's selection: ``direction · mask``.
