@@ -38,3 +38,15 @@ def combiners(threshold=thresholds):
             rescale=st.booleans(),
         ),
     )
+
+
+def with_specials(rng: np.random.Generator, n: int, decades: int = 40) -> np.ndarray:
+    """``n`` float64 values over ``±decades`` decades, with NaN, ±Inf, -0.0 and +0.0 mixed in."""
+    d = rng.standard_normal(n) * 10.0 ** rng.integers(-decades, decades, n)
+    special = rng.random(n)
+    d[special < 0.1] = np.nan
+    d[(special >= 0.1) & (special < 0.15)] = np.inf
+    d[(special >= 0.15) & (special < 0.2)] = -np.inf
+    d[(special >= 0.2) & (special < 0.25)] = -0.0
+    d[(special >= 0.25) & (special < 0.3)] = 0.0
+    return d

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import combiners, stacked_grads
+from strategies import combiners, stacked_grads, with_specials
 
 import gradand
 
@@ -103,12 +103,7 @@ def test_torch_select_hook_is_where_mask_d_d_minus_d(seed, dtype):
     from gradand.backends.torch._common import XP
 
     rng = np.random.default_rng(seed)
-    d = rng.standard_normal(300) * 10.0 ** rng.integers(-40, 40, 300)
-    special = rng.random(300)
-    d[special < 0.1] = np.nan
-    d[(special >= 0.1) & (special < 0.15)] = np.inf
-    d[(special >= 0.15) & (special < 0.2)] = -np.inf
-    d[(special >= 0.2) & (special < 0.25)] = -0.0
+    d = with_specials(rng, 300)
     t = torch.from_numpy(d).to(getattr(torch, dtype))
     mask = torch.from_numpy(rng.random(300) < 0.5)
     got, want = XP.gradand_select(mask, t), torch.where(mask, t, t - t)
@@ -131,13 +126,7 @@ def test_jax_vote_hook_is_sign_with_nan_casting_no_vote(seed, dtype, jitted):
     from gradand.backends.jax._tree import XP
 
     rng = np.random.default_rng(seed)
-    d = rng.standard_normal(300) * 10.0 ** rng.integers(-3, 3, 300)
-    special = rng.random(300)
-    d[special < 0.1] = np.nan
-    d[(special >= 0.1) & (special < 0.15)] = np.inf
-    d[(special >= 0.15) & (special < 0.2)] = -np.inf
-    d[(special >= 0.2) & (special < 0.25)] = -0.0
-    d[(special >= 0.25) & (special < 0.3)] = 0.0
+    d = with_specials(rng, 300, decades=3)
     g = jnp.asarray(d, dtype=getattr(jnp, dtype))
     votes = jax.jit(XP.gradand_vote_signs) if jitted else XP.gradand_vote_signs
     got = np.asarray(votes(g), dtype=np.float64)

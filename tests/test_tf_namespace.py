@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import combiners, stacked_grads
+from strategies import combiners, stacked_grads, with_specials
 
 import gradand
 
@@ -187,12 +187,7 @@ def test_select_hook_is_where_mask_d_d_minus_d(seed, dtype, graph):
     ``where(mask, d, d - d)``, eagerly and in ``tf.function``: kept values bit for bit, masked
     zero (a negative one may be -0.0, which equals 0.0), NaN and ±Inf NaN either way."""
     rng = np.random.default_rng(seed)
-    d = rng.standard_normal(300) * 10.0 ** rng.integers(-40, 40, 300)
-    special = rng.random(300)
-    d[special < 0.1] = np.nan
-    d[(special >= 0.1) & (special < 0.15)] = np.inf
-    d[(special >= 0.15) & (special < 0.2)] = -np.inf
-    d[(special >= 0.2) & (special < 0.25)] = -0.0
+    d = with_specials(rng, 300)
     t = tf.cast(tf.constant(d), getattr(tf, dtype))
     mask = tf.constant(rng.random(300) < 0.5)
     select = tf.function(gtf.xp.gradand_select) if graph else gtf.xp.gradand_select

@@ -314,33 +314,33 @@ def gradand_dense_mean(g: Any, axis: int, count: int, scale: float) -> tf.Tensor
     NaN/Inf gradient) the sum of the terms scaled by the power of two ``scale`` (exact), taken
     lazily by ``tf.cond``, so the common case costs one reduction and no pass of scaling.
     """
-    if g.shape.num_elements() is not None and g.shape.num_elements() < _COND_WORTH:
-        return tf.reduce_sum(g / scale, axis=axis) / (count / scale)  # small: one pass beats a branch
-    total = tf.reduce_sum(g, axis=axis)
-    return tf.cond(
-        tf.reduce_all(tf.math.is_finite(total)),
-        lambda: total / count,
-        lambda: tf.reduce_sum(g / scale, axis=axis) / (count / scale),
-    )
+    return _scaled_sum(g, axis, 1.0 / scale, count / scale)  # finite: total / count
 
 
 def gradand_scaled_sum(v: Any, factor: float) -> tf.Tensor:
     """The core's hook for a chunk's sum of terms scaled by a power of two (the fold of the
-    factored engine): ``Σ_axis0 v · factor``.
+    factored engine): ``Σ_axis0 v · factor``, lazily as :func:`gradand_dense_mean`'s sum."""
+    return _scaled_sum(v, 0, factor)
 
-    The plain sum times ``factor`` when that sum is finite (the same values: scaling by a
-    power of two is exact), else the sum of the scaled terms, which cannot overflow where the
-    terms do not, taken lazily by ``tf.cond``: the common case costs one reduction and a
-    pass over the (E times smaller) sum instead of a pass over every term.
-    """
+
+def _scaled_sum(v: Any, axis: int, factor: float, divisor: float = 1.0) -> tf.Tensor:
+    """``Σ_axis (v · factor) / divisor`` for a power of two ``factor``: the plain sum times
+    ``factor / divisor`` when that sum is finite (the same values: the scaling is exact), else
+    the sum of the scaled terms, which cannot overflow where the terms do not, taken lazily by
+    ``tf.cond``. Small tensors take the one pass of scaled terms (cheaper than a branch)."""
     if v.shape.num_elements() is not None and v.shape.num_elements() < _COND_WORTH:
-        return tf.reduce_sum(v * factor, axis=0)
-    total = tf.reduce_sum(v, axis=0)
+        return _divided(tf.reduce_sum(v * factor, axis=axis), divisor)
+    total = tf.reduce_sum(v, axis=axis)
     return tf.cond(
         tf.reduce_all(tf.math.is_finite(total)),
-        lambda: total * factor,
-        lambda: tf.reduce_sum(v * factor, axis=0),
+        lambda: total / (divisor / factor) if divisor != 1.0 else total * factor,
+        lambda: _divided(tf.reduce_sum(v * factor, axis=axis), divisor),
     )
+
+
+def _divided(t: tf.Tensor, divisor: float) -> tf.Tensor:
+    return t if divisor == 1.0 else t / divisor
+
 
 def gradand_select(mask: Any, direction: Any) -> tf.Tensor:
     """The core's hook for a hard mask's selection: ``direction · mask``.
